@@ -1,0 +1,364 @@
+"""Train a ResNet on CIFAR (or any image-classification data) with Features Replay, DDG, DNI or plain BP.
+
+Reproduces the experiments of Huo, Gu & Huang, "Training Neural Networks Using
+Features Replay" (NeurIPS 2018), Section 5, with the paper's schedule as defaults:
+
+    accelerate launch recipes/resnet_cifar.py --model resnet110 --method fr --modules 2
+    accelerate launch recipes/resnet_cifar.py --dataset digits --model resnet20 --epochs 3   # offline
+
+The lines that make this a Features Replay script are marked ``# <- replay_opt``;
+everything else is an ordinary Accelerate training loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from recipes.data import Augment, load_image_data
+from recipes.models import CIFAR_MODELS, build_model
+from replay_opt import ReplayModelWrapper, ReplayOptimizer
+
+METHODS = ("bp", "fr", "ddg", "dni", "dgl")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=METHODS, default="fr", help="training method (bp = plain backprop)")
+    g.add_argument("--modules", type=int, default=2, help="K, the number of pipeline modules")
+    g.add_argument("--split-points", default=None, help="comma-separated submodule names where modules 2..K begin")
+    g.add_argument("--balance", default="params", help='"params", "time", or comma-separated unit counts')
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="resnet110", help=f"one of: {CIFAR_MODELS}")
+    g.add_argument(
+        "--dataset",
+        default="cifar10",
+        help="cifar10, cifar100, a hub id, a save_to_disk directory, parquet files, or 'digits' (offline)",
+    )
+    g.add_argument("--image-column", default=None, help="image column (default: detected)")
+    g.add_argument("--label-column", default=None, help="label column (default: detected)")
+    g = p.add_argument_group("schedule (the paper's defaults)")
+    g.add_argument("--epochs", type=int, default=300)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=0.01)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--milestones", default="150,225", help="epochs at which the learning rate is divided")
+    g.add_argument("--gamma", type=float, default=0.1, help="learning-rate factor at each milestone")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (smoke runs)")
+    g = p.add_argument_group("evaluation, logging, checkpoints")
+    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: only at the end)")
+    g.add_argument("--log-every", type=int, default=20, help="log the training loss every N steps")
+    g.add_argument("--output-dir", default="outputs/resnet_cifar")
+    g.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint directory, or 'latest'")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    g.add_argument("--report-to", choices=("wandb", "tensorboard", "none"), default="wandb")
+    g.add_argument("--wandb-project", default="replay_opt")
+    args = p.parse_args(argv)
+    args.milestones = [int(m) for m in args.milestones.split(",") if m]
+    args.split_points = args.split_points.split(",") if args.split_points else None
+    if args.balance not in ("params", "time"):
+        try:
+            args.balance = [int(c) for c in args.balance.split(",")]
+        except ValueError:
+            p.error(f'--balance takes "params", "time" or comma-separated integers, got {args.balance!r}')
+    args.parser = p
+    return args
+
+
+# ----------------------------------------------------------------------------- tracking
+
+
+def use_wandb_offline_without_credentials() -> str | None:
+    """wandb blocks on a login prompt when it has no key: go offline by ourselves and say how to sync."""
+    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
+        return None
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return None
+    os.environ["WANDB_MODE"] = "offline"
+    return "no W&B credentials found: logging offline; upload later with `wandb sync {dir}/wandb/offline-run-*`"
+
+
+def peak_memory_mb(devices: list[torch.device]) -> dict[str, float]:
+    peaks = {}
+    for device in sorted(set(devices), key=str):
+        if device.type == "cuda":
+            peaks[f"memory/peak_mb_{device}"] = torch.cuda.max_memory_allocated(device) / 2**20
+    peaks["memory/peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peaks
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class Progress:
+    """Where training stands; saved with every checkpoint so a resume continues at the same batch."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.best_acc = 0.0
+        self.last_acc = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+
+
+def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep: int) -> Path:
+    """``save_state`` into a temporary directory, then rename: a crash mid-write leaves the last one intact."""
+    final, tmp = root / f"step_{step:08d}", root / f".step_{step:08d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        (root / "latest.tmp").write_text(final.name)
+        os.replace(root / "latest.tmp", root / "latest")
+        for old in sorted(root.glob("step_*"))[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_checkpoint(arg: str, output_dir: Path) -> Path:
+    path = Path(arg)
+    if arg == "latest":
+        pointer = output_dir / "checkpoints" / "latest"
+        if not pointer.exists():
+            raise FileNotFoundError(f"--resume-from-checkpoint latest: no checkpoint under {pointer.parent}")
+        path = pointer.parent / pointer.read_text().strip()
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume-from-checkpoint {arg}: {path} is not a checkpoint directory")
+    return path
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model, loader, augment: Augment, accelerator: Accelerator) -> tuple[float, float]:
+    # Evaluation must not move the training RNG (a data loader draws a seed when it starts):
+    # otherwise evaluating, or stopping to checkpoint, would change the run.
+    device = accelerator.device
+    with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
+        return _evaluate(model, loader, augment, accelerator)
+
+
+def _evaluate(model, loader, augment: Augment, accelerator: Accelerator) -> tuple[float, float]:
+    model.eval()
+    loss_sum = torch.zeros((), device=accelerator.device)
+    correct = torch.zeros((), device=accelerator.device)
+    count = 0
+    for x, y in loader:
+        out = model(augment.normalize(x))
+        out, y = accelerator.gather_for_metrics((out, y))
+        loss_sum += F.cross_entropy(out, y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+        count += len(y)
+    model.train()
+    return loss_sum.item() / count, correct.item() / count
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    note = use_wandb_offline_without_credentials() if args.report_to == "wandb" else None
+    accelerator = Accelerator(
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(args.seed)
+    if accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    try:
+        with accelerator.main_process_first():
+            data = load_image_data(args.dataset, image_column=args.image_column, label_column=args.label_column)
+    except ValueError as exc:
+        args.parser.error(str(exc))
+    augment = Augment(data.mean, data.std)
+    # A generator of its own: starting an epoch must not draw from the global RNG, or a resume
+    # in mid-epoch (which starts the epoch's iterator again) would shift every later random draw.
+    train_loader = DataLoader(
+        TensorDataset(data.train_x, data.train_y),
+        batch_size=args.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    test_loader = DataLoader(TensorDataset(data.test_x, data.test_y), batch_size=512)
+
+    try:
+        model = build_model(args.model, data.num_classes).to(accelerator.device)
+        example = (augment.normalize(data.train_x[: args.batch_size].to(accelerator.device)),)
+        model = ReplayModelWrapper(  # <- replay_opt: line 1, split and place
+            model,
+            num_modules=args.modules if args.split_points is None else None,
+            method=args.method,
+            split_points=args.split_points,
+            balance=args.balance,
+            example_inputs=example if args.balance == "time" else None,
+        )
+    except ValueError as exc:
+        args.parser.error(str(exc))
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = ReplayOptimizer(optimizer, model, grad_scaler=accelerator.scaler)  # <- replay_opt: line 2
+    steps_per_epoch = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=[m * steps_per_epoch for m in args.milestones], gamma=args.gamma
+    )
+    model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, test_loader, scheduler
+    )
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress)
+    if args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"resumed from {checkpoint} at epoch {progress.epoch}, step {progress.global_step}")
+
+    run_name = f"{args.method}-K{args.modules}-{args.model.replace(':', '-')}-{Path(args.dataset).name}-s{args.seed}"
+    config = {k: v for k, v in vars(args).items() if k != "parser"}
+    config.update(num_modules=model.num_modules, split_points=model.split_points, steps_per_epoch=steps_per_epoch)
+    accelerator.init_trackers(
+        args.wandb_project, config=config, init_kwargs={"wandb": {"name": run_name, "dir": str(output_dir)}}
+    )
+    if note:
+        accelerator.print(note.format(dir=output_dir))
+    accelerator.print(model.describe())
+
+    max_steps = args.max_steps or args.epochs * steps_per_epoch
+    history: list[dict[str, float]] = []  # per-epoch metrics of this run
+    loss_log: list[tuple[int, float]] = []  # (step, loss) every --log-every steps
+    done = progress.global_step >= max_steps
+    while progress.epoch < args.epochs and not done:
+        epoch = progress.epoch
+        train_loader.set_epoch(epoch)
+        batches = train_loader
+        if progress.step_in_epoch:
+            batches = accelerator.skip_first_batches(train_loader, progress.step_in_epoch)
+        loss_sum = torch.zeros((), device=accelerator.device)
+        correct = torch.zeros((), device=accelerator.device)
+        seen, start = 0, time.perf_counter()
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=progress.step_in_epoch,
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            disable=not accelerator.is_local_main_process,
+            mininterval=1.0,
+        )
+        for x, y in batches:
+            out = model(augment(x))
+            loss = F.cross_entropy(out, y)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            loss_sum += loss.detach() * len(y)
+            correct += (out.detach().argmax(1) == y).sum()
+            seen += len(y)
+            progress.step_in_epoch += 1
+            progress.global_step += 1
+            bar.update()
+            if progress.global_step % args.log_every == 0:
+                step_loss = loss.item()
+                loss_log.append((progress.global_step, step_loss))
+                bar.set_postfix(loss=f"{step_loss:.3f}")
+                lr = optimizer.param_groups[0]["lr"]
+                accelerator.log({"train/loss": step_loss, "train/lr": lr}, step=progress.global_step)
+            if progress.global_step >= max_steps:
+                done = True
+                break
+        bar.close()
+        elapsed = time.perf_counter() - start
+        epoch_finished = progress.step_in_epoch >= steps_per_epoch
+        if epoch_finished:
+            progress.epoch, progress.step_in_epoch = epoch + 1, 0
+        metrics: dict[str, float] = {
+            "epoch": epoch + 1,
+            "train/epoch_loss": loss_sum.item() / max(seen, 1),
+            "train/epoch_acc": correct.item() / max(seen, 1),
+            "perf/samples_per_s": seen / elapsed,
+            "perf/epoch_time_s": elapsed,
+            **peak_memory_mb(model.devices),
+        }
+        if done or (args.eval_every and (epoch + 1) % args.eval_every == 0):
+            test_loss, test_acc = evaluate(model, test_loader, augment, accelerator)
+            progress.last_acc, progress.best_acc = test_acc, max(progress.best_acc, test_acc)
+            metrics.update({"test/loss": test_loss, "test/acc": test_acc, "test/best_acc": progress.best_acc})
+        accelerator.log(metrics, step=progress.global_step)
+        history.append(metrics)
+        accelerator.print(
+            f"epoch {epoch + 1}/{args.epochs}  train loss {metrics['train/epoch_loss']:.4f} "
+            f"acc {100 * metrics['train/epoch_acc']:.2f}%"
+            + (
+                f"  test loss {metrics['test/loss']:.4f} acc {100 * metrics['test/acc']:.2f}% "
+                f"(best {100 * progress.best_acc:.2f}%)"
+                if "test/acc" in metrics
+                else ""
+            )
+            + f"  {metrics['perf/samples_per_s']:.0f} samples/s  {elapsed:.1f} s"
+        )
+        save_checkpoint(accelerator, output_dir / "checkpoints", progress.global_step, args.keep_checkpoints)
+
+    results = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "method": args.method,
+        "modules": model.num_modules,
+        "steps": progress.global_step,
+        "best_test_error": 100 * (1 - progress.best_acc),
+        "final_test_error": 100 * (1 - progress.last_acc),
+        "history": history,
+        "train_loss_log": loss_log,
+    }
+    accelerator.log(
+        {"final/best_test_error": results["best_test_error"], "final/test_error": results["final_test_error"]}
+    )
+    accelerator.print(
+        "\n| Model | Dataset | Method | K | Best test error (%) | Final test error (%) |\n"
+        "|---|---|---|---|---|---|\n"
+        f"| {args.model} | {args.dataset} | {args.method.upper()} | {model.num_modules} "
+        f"| {results['best_test_error']:.2f} | {results['final_test_error']:.2f} |"
+    )
+    if accelerator.is_main_process:
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    accelerator.end_training()
+    if note:
+        accelerator.print(note.format(dir=output_dir))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+"""replay_opt: train PyTorch models with Features Replay in two lines.
+
+model = ReplayModelWrapper(model, num_modules=4)
+optimizer = ReplayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+"""
+
+from .optimizer import ReplayOptimizer
+from .wrapper import ReplayModelWrapper
+
+__version__ = "0.1.0"
+__all__ = ["ReplayModelWrapper", "ReplayOptimizer", "__version__"]

@@ -1,0 +1,64 @@
+"""The small interface through which ``ReplayModelWrapper`` drives a training method."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..history import to_device
+from ..partition import Stage
+
+
+class Method:
+    """How one training step runs through the K stages.
+
+    The wrapper calls ``forward`` for every training-mode forward with gradients
+    enabled; ``ReplayOptimizer`` calls ``updated_stages`` just before the inner
+    optimizer steps (stages marked False get no update at all), then
+    ``on_step``; ``on_zero_grad`` when gradients are cleared.  ``state_dict``
+    carries whatever the method keeps between steps, so that a resumed run
+    continues identically.
+    """
+
+    name: ClassVar[str]
+    grad_scaler: Any = None  # a torch.amp.GradScaler, set by ReplayOptimizer
+
+    def __init__(self, stages: list[Stage]) -> None:
+        self.stages = stages
+        self.steps = 0
+
+    def forward(self, inputs: tuple[Any, ...]) -> Any:
+        raise NotImplementedError
+
+    def updated_stages(self) -> list[bool]:
+        return [True] * len(self.stages)
+
+    def on_step(self) -> None:
+        self.steps += 1
+
+    def on_zero_grad(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": self.name, "num_modules": len(self.stages), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("method") != self.name or state.get("num_modules") != len(self.stages):
+            raise ValueError(
+                f"checkpoint holds replay state of method={state.get('method')!r} with "
+                f"num_modules={state.get('num_modules')}, but this model uses method={self.name!r} with "
+                f"num_modules={len(self.stages)}; build the wrapper as it was when the checkpoint was saved"
+            )
+        self.steps = int(state["steps"])
+
+    def run_stage(self, stage: Stage, inputs: tuple[Any, ...]) -> Any:
+        return stage.train(*to_device(inputs, stage.device))
+
+
+def as_leaves(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Fresh autograd leaves for the floating-point tensors among ``values`` (storage shared)."""
+    return tuple(
+        v.detach().requires_grad_() if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()) else v
+        for v in values
+    )

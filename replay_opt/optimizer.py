@@ -1,0 +1,136 @@
+"""``ReplayOptimizer``: line two of two -- step only the modules that have a gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .wrapper import ReplayModelWrapper
+
+
+class ReplayOptimizer(torch.optim.Optimizer):
+    """Wrap any ``torch.optim.Optimizer`` for a ``ReplayModelWrapper``.
+
+    It is an ``Optimizer`` (so Accelerate wraps it, LR schedulers attach to it
+    and ``save_state`` saves it) that delegates to the inner optimizer, with
+    three differences:
+
+    * ``step()`` skips, entirely, the parameters of modules that have no
+      gradient yet (module k of K starts updating at step K-k): no weight
+      decay, no momentum, no step count;
+    * ``state_dict()`` also holds the replay state (input histories, stale
+      gradients, counters), so a resumed run continues identically;
+    * with fp16 loss scaling pass the ``GradScaler`` (``accelerator.scaler``)
+      so that stale gradients are rescaled when the scale changes.
+
+    The optimizer may have been built on the original model before wrapping:
+    the wrapper trains that model's parameters in place.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: ReplayModelWrapper,
+        *,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        # No super().__init__: param_groups, state and defaults are the inner optimizer's.
+        if isinstance(optimizer, ReplayOptimizer):
+            raise TypeError("the optimizer is already a ReplayOptimizer; wrap the original optimizer once")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"ReplayOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(model, ReplayModelWrapper):
+            raise TypeError(
+                f"ReplayOptimizer needs the ReplayModelWrapper, got {type(model).__name__}: "
+                "model = ReplayModelWrapper(model, num_modules=K); optimizer = ReplayOptimizer(optimizer, model)"
+            )
+        if model._optimizer is not None:
+            raise ValueError("this ReplayModelWrapper already has a ReplayOptimizer; create one per model")
+        owned = {id(p) for p in model.parameters()}
+        if not any(id(p) in owned for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError("the optimizer holds none of the model's parameters; build it on this model's parameters")
+        self.optimizer = optimizer
+        self.model = model
+        self._method = model._method
+        self._method.grad_scaler = grad_scaler
+        model._optimizer = self
+
+    # Delegation, as accelerate.optimizer.AcceleratedOptimizer does it.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, state: Any) -> None:
+        self.optimizer.state = state
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, defaults: dict[str, Any]) -> None:
+        self.optimizer.defaults = defaults
+
+    @property
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        return self._method.grad_scaler
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._method.on_zero_grad()
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Modules still waiting for their first (input, gradient) pair must not
+        # move at all: hide their gradients so the optimizer skips them.
+        hidden = []
+        for stage, updated in zip(self._method.stages, self._method.updated_stages()):
+            if not updated:
+                for p in stage.parameters():
+                    hidden.append((p, p.grad))
+                    p.grad = None
+        try:
+            self.optimizer.step()
+        finally:
+            for p, grad in hidden:
+                p.grad = grad
+        self._method.on_step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.optimizer.state_dict()
+        state["replay"] = self.model.replay_state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        replay = state_dict.pop("replay", None)
+        self.optimizer.load_state_dict(state_dict)
+        if replay is not None:
+            self.model.load_replay_state_dict(replay)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"ReplayOptimizer({self.optimizer!r})"

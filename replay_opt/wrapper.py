@@ -1,0 +1,235 @@
+"""``ReplayModelWrapper``: line one of two -- cut the model into K modules and place them."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map_only
+
+from .history import to_device
+from .methods import make_method
+from .partition import Balance, Stage, partition
+
+logger = logging.getLogger(__name__)
+
+DeviceLike = torch.device | str | int
+
+
+class ReplayModelWrapper(nn.Module):
+    """Train ``module`` with Features Replay (or another method) across K modules.
+
+    The wrapper trains ``module`` in place, like ``DistributedDataParallel``:
+    ``wrapper.module`` is the original object, its parameters are the ones the
+    optimizer updates, and ``wrapper.state_dict()`` is the model's state dict
+    under the ``module.`` prefix.
+
+    Args:
+        module: the model to train.
+        num_modules: K, the number of pipeline modules.  Optional when
+            ``split_points`` is given.
+        method: ``"fr"`` (Features Replay, default) or ``"bp"`` (plain
+            backpropagation through the same API).
+        split_points: K-1 submodule names, as in ``module.named_modules()``, at
+            each of which a new pipeline module begins.
+        balance: how to choose split points when none are given: ``"params"``
+            (equal parameter counts, default), ``"time"`` (equal measured
+            forward+backward time; needs ``example_inputs``) or a list of K
+            unit counts (see ``wrapper.units``).
+        devices: one device per module.  Default: one accelerator per module
+            when at least K are visible, else every module stays where the
+            model is (and moves with ``.to()`` / ``accelerator.prepare``).
+        example_inputs: a batch, as a tuple of forward arguments, for
+            ``balance="time"``.
+
+    In training mode with gradients enabled, ``wrapper(x)`` is one pipeline
+    step: pair it with ``loss.backward()`` and ``ReplayOptimizer.step()``.  In
+    eval mode, or under ``torch.no_grad()``, it is plain inference and leaves
+    the pipeline untouched.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        num_modules: int | None = None,
+        method: str = "fr",
+        split_points: Sequence[str] | None = None,
+        balance: Balance = "params",
+        devices: Sequence[DeviceLike] | None = None,
+        example_inputs: tuple[Any, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"ReplayModelWrapper wraps an nn.Module, got {type(module).__name__}")
+        if isinstance(module, ReplayModelWrapper):
+            raise TypeError("the model is already a ReplayModelWrapper; wrap the original model once")
+        if isinstance(split_points, str):
+            raise TypeError(f"split_points takes a list of names, e.g. [{split_points!r}]")
+        self.module = module
+        cut = partition(
+            module, num_modules=num_modules, split_points=split_points, balance=balance, example_inputs=example_inputs
+        )
+        # A plain list, not nn.ModuleList: the stages share their layers with
+        # ``module`` and must not appear twice in parameters() or state_dict().
+        self._stages: list[Stage] = cut.stages
+        self.split_points: list[str] = cut.split_points
+        self.units: list[str] = cut.units
+        self.method: str = method
+        _check_no_shared_parameters(self._stages)
+        self._devices = _resolve_devices(devices, len(self._stages))
+        if self._devices is not None:
+            for stage, device in zip(self._stages, self._devices):
+                stage.device = device
+                stage.train.to(device)
+        self._method = make_method(method, self._stages)
+        self._optimizer: Any = None  # the ReplayOptimizer bound to this model
+        stage0 = self._stages[0].train
+        self._signature = None if isinstance(stage0, nn.Sequential) else inspect.signature(stage0.forward)
+
+    # ----------------------------------------------------------------------- public
+
+    @property
+    def num_modules(self) -> int:
+        return len(self._stages)
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        """The K pipeline modules (train-mode graphs), sharing their layers with ``self.module``."""
+        return [s.train for s in self._stages]
+
+    @property
+    def devices(self) -> list[torch.device]:
+        self._sync_devices()
+        return [s.device for s in self._stages]
+
+    def describe(self) -> str:
+        """A table of the partition: each module's first and last unit, parameters and device."""
+        lines = [f"{type(self.module).__name__} -> {self.num_modules} modules, method={self.method!r}"]
+        for stage, device in zip(self._stages, self.devices):
+            params = sum(p.numel() for p in stage.parameters())
+            first = self.split_points[stage.index - 1] if stage.index else "(input)"
+            lines.append(f"  module {stage.index + 1}: from {first:<24} {params:>12,} params  on {device}")
+        return "\n".join(lines)
+
+    def extra_repr(self) -> str:
+        return f"num_modules={self.num_modules}, method={self.method!r}, split_points={self.split_points}"
+
+    # ----------------------------------------------------------------------- forward
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._sync_devices()
+        if not (self.training and torch.is_grad_enabled()):
+            return self._inference(args, kwargs)
+        if self._optimizer is None and self.method != "bp":
+            raise RuntimeError(
+                "no ReplayOptimizer is bound to this model: wrap the optimizer with "
+                "`optimizer = ReplayOptimizer(optimizer, model)` before training"
+            )
+        self._check_grad_scaler()
+        out = self._method.forward(self._bind(args, kwargs))
+        return self._to_input_device(out, args)
+
+    def _inference(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self._devices is None:
+            return self.module(*args, **kwargs)  # one device: the original forward, exactly
+        x = self._bind(args, kwargs)
+        for stage in self._stages[:-1]:
+            x = stage.forward(self.training, *to_device(x, stage.device))
+        last = self._stages[-1]
+        return self._to_input_device(last.forward(self.training, *to_device(x, last.device)), args)
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        if not kwargs:
+            return args
+        if self._signature is None:
+            raise TypeError(f"{type(self.module).__name__} takes positional inputs only; got {sorted(kwargs)}")
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return tuple(bound.args)
+
+    def _to_input_device(self, out: Any, args: tuple[Any, ...]) -> Any:
+        # The output goes back to where the batch came from, so the user's loss
+        # meets its targets on one device, as with a model on one device.
+        if self._devices is None:
+            return out
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if device is None:
+            return out
+        return tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=True), out)
+
+    def _sync_devices(self) -> None:
+        if self._devices is None:  # every module lives where the model lives
+            device = next(self.module.parameters(), next(self.module.buffers(), torch.empty(0))).device
+            for stage in self._stages:
+                stage.device = device
+
+    def _check_grad_scaler(self) -> None:
+        if self._method.grad_scaler is not None:
+            return
+        try:
+            from accelerate.state import AcceleratorState
+        except ImportError:  # pragma: no cover - accelerate is a dependency
+            return
+        if AcceleratorState._shared_state and AcceleratorState().mixed_precision == "fp16":
+            raise RuntimeError(
+                "fp16 training scales the loss, and stale gradients must follow the scale: pass "
+                "`ReplayOptimizer(optimizer, model, grad_scaler=accelerator.scaler)`"
+            )
+
+    # ----------------------------------------------------------------------- placement
+
+    def to(self, *args: Any, **kwargs: Any) -> ReplayModelWrapper:
+        """Like ``nn.Module.to``, except that an explicit per-module placement is kept.
+
+        ``accelerator.prepare`` moves models to its one device; with modules
+        spread over several devices only a dtype change is applied.
+        """
+        if self._devices is None:
+            return super().to(*args, **kwargs)
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None:
+            logger.info("keeping the per-module placement %s (ignoring .to(%s))", self._devices, device)
+        if dtype is not None:
+            super().to(dtype=dtype, non_blocking=non_blocking)
+        return self
+
+    # ----------------------------------------------------------------------- replay state
+
+    def replay_state_dict(self) -> dict[str, Any]:
+        """What the method keeps between steps (histories, stale gradients, counters)."""
+        return self._method.state_dict()
+
+    def load_replay_state_dict(self, state: dict[str, Any]) -> None:
+        self._sync_devices()
+        self._method.load_state_dict(state)
+
+
+def _resolve_devices(devices: Sequence[DeviceLike] | None, k: int) -> list[torch.device] | None:
+    if devices is None:
+        accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+        if accelerator is not None and k > 1 and torch.accelerator.device_count() >= k:
+            return [torch.device(accelerator.type, i) for i in range(k)]
+        return None
+    if isinstance(devices, (str, int, torch.device)):
+        raise TypeError(f"devices takes one device per module, e.g. [{devices!r}] * {k}")
+    resolved = [torch.device(d) for d in devices]
+    if len(resolved) != k:
+        raise ValueError(f"devices lists {len(resolved)} devices for {k} modules; give exactly one per module")
+    return resolved
+
+
+def _check_no_shared_parameters(stages: list[Stage]) -> None:
+    owner: dict[int, int] = {}
+    for stage in stages:
+        for p in stage.parameters():
+            if owner.setdefault(id(p), stage.index) != stage.index:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} is used by modules {owner[id(p)] + 1} and "
+                    f"{stage.index + 1}; tied weights cannot be split across modules -- choose split points "
+                    "that keep every use of a shared layer in one module"
+                )

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+def mlp(depth: int = 6, width: int = 16, inputs: int = 8, classes: int = 4, dtype=torch.float32) -> nn.Sequential:
+    """A deep tanh MLP as an nn.Sequential: Linear, Tanh, Linear, Tanh, ..., Linear."""
+    layers: list[nn.Module] = [nn.Linear(inputs, width), nn.Tanh()]
+    for _ in range(depth - 2):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    layers.append(nn.Linear(width, classes))
+    return nn.Sequential(*layers).to(dtype)
+
+
+def batches(n: int, batch: int = 16, inputs: int = 8, classes: int = 4, last: int | None = None, seed: int = 0):
+    """``n`` fixed (x, y) batches; the last one has ``last`` rows when given (a smaller last batch)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        rows = last if (last is not None and i == n - 1) else batch
+        x = torch.randn(rows, inputs, generator=g)
+        y = torch.randint(0, classes, (rows,), generator=g)
+        out.append((x, y))
+    return out
+
+
+def max_param_diff(a: nn.Module, b: nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
