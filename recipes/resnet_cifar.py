@@ -352,6 +352,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"| {args.model} | {args.dataset} | {args.method.upper()} | {model.num_modules} "
         f"| {results['best_test_error']:.2f} | {results['final_test_error']:.2f} |"
     )
+    accelerator.print(
+        f"final test accuracy {100 * progress.last_acc:.2f}% (best {100 * progress.best_acc:.2f}%) "
+        f"after {progress.global_step} steps; results in {output_dir / 'results.json'}"
+    )
     if accelerator.is_main_process:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     accelerator.end_training()

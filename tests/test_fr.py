@@ -238,3 +238,58 @@ def test_explicit_per_module_placement():
     torch.testing.assert_close(wrapper(probe), model(probe))
     wrapper.to(torch.float64)  # dtype changes still apply
     assert all(p.dtype == torch.float64 for p in model.parameters())
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class SmallResNet(nn.Module):
+    """Not an nn.Sequential: the library must trace it with torch.fx."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.blocks = nn.Sequential(*[ConvBlock(c) for _ in range(4)])
+        self.fc = nn.Linear(c, 5)
+
+    def forward(self, x):
+        h = self.blocks(F.relu(self.bn(self.conv(x))))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_traced_resnet_matches_naive_algorithm_1(k):
+    """The torch.fx path with BatchNorm and residuals against hand-built stages of a copy."""
+    model = SmallResNet()
+    ref = copy.deepcopy(model)
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), ref.fc)
+    stem = [ref.conv, ref.bn, nn.ReLU()]
+    if k == 2:
+        stages = [nn.Sequential(*stem, *ref.blocks[:3]), nn.Sequential(ref.blocks[3], head)]
+        split = ["blocks.3"]
+    else:
+        stages = [
+            nn.Sequential(*stem, ref.blocks[0]),
+            nn.Sequential(*ref.blocks[1:3]),
+            nn.Sequential(ref.blocks[3], head),
+        ]
+        split = ["blocks.1", "blocks.3"]
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 5, (6,), generator=g)) for _ in range(6)]
+
+    def make_opt(p):
+        return torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+    naive_features_replay(stages, data, make_opt)
+    run_library(model, data, make_opt, split_points=split)
+    assert max_param_diff(model, ref) <= 1e-5

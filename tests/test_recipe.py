@@ -81,9 +81,13 @@ def tiny_image_dataset(rows: int, seed: int):
     from PIL import Image
 
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
-    return datasets.Dataset.from_dict(
-        {"img": [Image.fromarray(im) for im in images], "label": labels.tolist()}, features=features
-    ), images, labels
+    return (
+        datasets.Dataset.from_dict(
+            {"img": [Image.fromarray(im) for im in images], "label": labels.tolist()}, features=features
+        ),
+        images,
+        labels,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,42 @@
+"""Plot one or more runs of resnet_cifar.py from their results.json files.
+
+python recipes/plot_results.py outputs/fr/results.json outputs/bp/results.json -o runs.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", type=Path, help="results.json files written by resnet_cifar.py")
+    p.add_argument("-o", "--output", type=Path, default=Path("runs.png"))
+    args = p.parse_args()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for path in args.results:
+        r = json.loads(path.read_text())
+        label = f"{r['method'].upper()} K={r['modules']} {r['model']}"
+        steps, losses = zip(*r["train_loss_log"]) if r["train_loss_log"] else ((), ())
+        ax_loss.plot(steps, losses, label=label)
+        evals = [h for h in r["history"] if "test/acc" in h]
+        ax_acc.plot([h["epoch"] for h in evals], [100 * h["test/acc"] for h in evals], marker="o", label=label)
+    ax_loss.set(xlabel="step", ylabel="training loss (batch)", title="train/loss")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test/acc")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.output, dpi=120)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
