@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, test_loader, scheduler
     )
+    replay_model = accelerator.unwrap_model(model)
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
     if args.resume_from_checkpoint:
@@ -250,13 +251,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     run_name = f"{args.method}-K{args.modules}-{args.model.replace(':', '-')}-{Path(args.dataset).name}-s{args.seed}"
     config = {k: v for k, v in vars(args).items() if k != "parser"}
-    config.update(num_modules=model.num_modules, split_points=model.split_points, steps_per_epoch=steps_per_epoch)
+    config.update(
+        num_modules=replay_model.num_modules, split_points=replay_model.split_points, steps_per_epoch=steps_per_epoch
+    )
     accelerator.init_trackers(
         args.wandb_project, config=config, init_kwargs={"wandb": {"name": run_name, "dir": str(output_dir)}}
     )
     if note:
         accelerator.print(note.format(dir=output_dir))
-    accelerator.print(model.describe())
+    accelerator.print(replay_model.describe())
 
     max_steps = args.max_steps or args.epochs * steps_per_epoch
     history: list[dict[str, float]] = []  # per-epoch metrics of this run
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             batches = accelerator.skip_first_batches(train_loader, progress.step_in_epoch)
         loss_sum = torch.zeros((), device=accelerator.device)
         correct = torch.zeros((), device=accelerator.device)
-        seen, start = 0, time.perf_counter()
+        seen, start, held = 0, time.perf_counter(), None
         bar = tqdm(
             total=steps_per_epoch,
             initial=progress.step_in_epoch,
@@ -279,12 +282,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             mininterval=1.0,
         )
         for x, y in batches:
+            # Count the bytes held for backward on the epoch's last step; accounting starts K steps
+            # earlier so that graphs kept across steps (DDG) are counted too.
+            steps_left = min(steps_per_epoch - progress.step_in_epoch, max_steps - progress.global_step)
+            replay_model.track_memory = steps_left <= replay_model.num_modules
+            last_step = steps_left == 1
             out = model(augment(x))
             loss = F.cross_entropy(out, y)
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
+            if last_step:
+                held = replay_model.memory_report()
+                replay_model.track_memory = False
             loss_sum += loss.detach() * len(y)
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
@@ -311,8 +322,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "train/epoch_acc": correct.item() / max(seen, 1),
             "perf/samples_per_s": seen / elapsed,
             "perf/epoch_time_s": elapsed,
-            **peak_memory_mb(model.devices),
+            **peak_memory_mb(replay_model.devices),
         }
+        if held is not None:
+            metrics["memory/held_for_backward_mb"] = held["total"] / 2**20
+            for category in ("activations", "retained_graphs", "history", "stale_gradients"):
+                metrics[f"memory/{category}_mb"] = held[category] / 2**20
+            for k, module in enumerate(held["modules"], 1):
+                metrics[f"memory/module{k}_held_mb"] = module["total"] / 2**20
         if done or (args.eval_every and (epoch + 1) % args.eval_every == 0):
             test_loss, test_acc = evaluate(model, test_loader, augment, accelerator)
             progress.last_acc, progress.best_acc = test_acc, max(progress.best_acc, test_acc)
@@ -336,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": args.model,
         "dataset": args.dataset,
         "method": args.method,
-        "modules": model.num_modules,
+        "modules": replay_model.num_modules,
         "steps": progress.global_step,
         "best_test_error": 100 * (1 - progress.best_acc),
         "final_test_error": 100 * (1 - progress.last_acc),
@@ -349,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator.print(
         "\n| Model | Dataset | Method | K | Best test error (%) | Final test error (%) |\n"
         "|---|---|---|---|---|---|\n"
-        f"| {args.model} | {args.dataset} | {args.method.upper()} | {model.num_modules} "
+        f"| {args.model} | {args.dataset} | {args.method.upper()} | {replay_model.num_modules} "
         f"| {results['best_test_error']:.2f} | {results['final_test_error']:.2f} |"
     )
     accelerator.print(

@@ -82,6 +82,9 @@ class History:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self._entries)
+
     def push(self, entry: Entry) -> Entry | None:
         self._entries.append(entry)
         if len(self._entries) == self.capacity:

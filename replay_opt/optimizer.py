@@ -55,6 +55,7 @@ class ReplayOptimizer(torch.optim.Optimizer):
         self.model = model
         self._method = model._method
         self._method.grad_scaler = grad_scaler
+        self._method.bind(optimizer)
         model._optimizer = self
 
     # Delegation, as accelerate.optimizer.AcceleratedOptimizer does it.
@@ -98,6 +99,7 @@ class ReplayOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._method.before_step()
         # Modules still waiting for their first (input, gradient) pair must not
         # move at all: hide their gradients so the optimizer skips them.
         hidden = []

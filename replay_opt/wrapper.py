@@ -45,6 +45,9 @@ class ReplayModelWrapper(nn.Module):
             model is (and moves with ``.to()`` / ``accelerator.prepare``).
         example_inputs: a batch, as a tuple of forward arguments, for
             ``balance="time"``.
+        track_memory: count the bytes each module holds for backward in every
+            training step (see ``memory_report``); off by default because it
+            hooks every tensor autograd saves.
 
     In training mode with gradients enabled, ``wrapper(x)`` is one pipeline
     step: pair it with ``loss.backward()`` and ``ReplayOptimizer.step()``.  In
@@ -62,6 +65,7 @@ class ReplayModelWrapper(nn.Module):
         balance: Balance = "params",
         devices: Sequence[DeviceLike] | None = None,
         example_inputs: tuple[Any, ...] | None = None,
+        track_memory: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -87,6 +91,7 @@ class ReplayModelWrapper(nn.Module):
                 stage.device = device
                 stage.train.to(device)
         self._method = make_method(method, self._stages)
+        self.track_memory = track_memory
         self._optimizer: Any = None  # the ReplayOptimizer bound to this model
         stage0 = self._stages[0].train
         self._signature = None if isinstance(stage0, nn.Sequential) else inspect.signature(stage0.forward)
@@ -106,6 +111,27 @@ class ReplayModelWrapper(nn.Module):
     def devices(self) -> list[torch.device]:
         self._sync_devices()
         return [s.device for s in self._stages]
+
+    @property
+    def track_memory(self) -> bool:
+        return self._method.meter.enabled
+
+    @track_memory.setter
+    def track_memory(self, enabled: bool) -> None:
+        self._method.meter.enabled = bool(enabled)
+
+    def memory_report(self) -> dict[str, Any]:
+        """Bytes held for backward in the last training step, per module and category.
+
+        Keys: ``modules`` (one dict per module with ``activations``,
+        ``retained_graphs``, ``history``, ``stale_gradients``, ``total``), the same
+        categories summed over modules, ``total``, and
+        ``cuda_max_memory_allocated`` per CUDA device holding a module.
+        """
+        if not self.track_memory:
+            raise RuntimeError("memory accounting is off: build the wrapper with track_memory=True")
+        self._method.meter.devices = self.devices
+        return {"method": self.method, **self._method.meter.report()}
 
     def describe(self) -> str:
         """A table of the partition: each module's first and last unit, parameters and device."""
@@ -131,6 +157,7 @@ class ReplayModelWrapper(nn.Module):
                 "`optimizer = ReplayOptimizer(optimizer, model)` before training"
             )
         self._check_grad_scaler()
+        self._method.meter.begin_step()
         out = self._method.forward(self._bind(args, kwargs))
         return self._to_input_device(out, args)
 

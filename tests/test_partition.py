@@ -156,7 +156,6 @@ ERRORS = [
     (dict(num_modules=2, balance=[5, 5]), "must list 2 positive unit counts summing to 6"),
     (dict(num_modules=2, devices=["cpu"]), "one per module"),
     (dict(num_modules=2, method="sgd"), "unknown method"),
-    (dict(num_modules=2, method="ddg"), "not yet available"),
 ]
 
 

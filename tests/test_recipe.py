@@ -132,6 +132,15 @@ def test_bad_or_unreachable_dataset_fails_fast_naming_the_fix(tmp_path, dataset,
     assert time.monotonic() - start < 60
 
 
-def test_method_not_yet_available(tmp_path):
-    r = launch("--dataset", "digits", "--method", "dni", "--output-dir", str(tmp_path), "--report-to", "none")
-    assert r.returncode != 0 and "not yet available" in r.stderr
+@pytest.mark.parametrize("method", ["ddg", "dni", "dgl"])
+def test_baselines_run_and_log_memory(tmp_path, method):
+    r = launch("--dataset", "digits", *SMALL, "--method", method, "--modules", "3", "--max-steps", "4",
+               "--output-dir", str(tmp_path), "--report-to", "none")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    epoch = json.loads((tmp_path / "results.json").read_text())["history"][-1]
+    assert epoch["memory/held_for_backward_mb"] > 0
+    assert sum(epoch[f"memory/module{k}_held_mb"] for k in (1, 2, 3)) == pytest.approx(
+        epoch["memory/held_for_backward_mb"]
+    )
+    if method == "ddg":
+        assert epoch["memory/retained_graphs_mb"] > 0

@@ -5,17 +5,21 @@ from __future__ import annotations
 from ..partition import Stage
 from .base import Method
 from .bp import Backprop
+from .ddg import DelayedGradients
+from .dgl import GreedyLocal
+from .dni import SyntheticGradients
 from .fr import FeaturesReplay
 
-METHODS: dict[str, type[Method]] = {"fr": FeaturesReplay, "bp": Backprop}
-PLANNED = ("ddg", "dni", "dgl")
+METHODS: dict[str, type[Method]] = {
+    "fr": FeaturesReplay,
+    "bp": Backprop,
+    "ddg": DelayedGradients,
+    "dni": SyntheticGradients,
+    "dgl": GreedyLocal,
+}
 
 
 def make_method(name: str, stages: list[Stage]) -> Method:
-    if name in PLANNED:
-        raise ValueError(
-            f"method={name!r} is not yet available in this version of replay_opt; use one of {sorted(METHODS)}"
-        )
     if name not in METHODS:
         raise ValueError(f"unknown method={name!r}; choose one of {sorted(METHODS)}")
     return METHODS[name](stages)

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..history import to_device
+from ..memory import MemoryMeter
 from ..partition import Stage
 
 
@@ -14,9 +15,10 @@ class Method:
     """How one training step runs through the K stages.
 
     The wrapper calls ``forward`` for every training-mode forward with gradients
-    enabled; ``ReplayOptimizer`` calls ``updated_stages`` just before the inner
-    optimizer steps (stages marked False get no update at all), then
-    ``on_step``; ``on_zero_grad`` when gradients are cleared.  ``state_dict``
+    enabled; ``ReplayOptimizer`` calls ``bind`` once, ``before_step`` and
+    ``updated_stages`` just before the inner optimizer steps (stages marked
+    False get no update at all), then ``on_step``; ``on_zero_grad`` when
+    gradients are cleared.  ``state_dict``
     carries whatever the method keeps between steps, so that a resumed run
     continues identically.
     """
@@ -27,6 +29,13 @@ class Method:
     def __init__(self, stages: list[Stage]) -> None:
         self.stages = stages
         self.steps = 0
+        self.meter = MemoryMeter(len(stages))
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once by ReplayOptimizer with the optimizer it wraps."""
+
+    def before_step(self) -> None:
+        """Called by ReplayOptimizer.step before the inner optimizer steps."""
 
     def forward(self, inputs: tuple[Any, ...]) -> Any:
         raise NotImplementedError
@@ -53,7 +62,8 @@ class Method:
         self.steps = int(state["steps"])
 
     def run_stage(self, stage: Stage, inputs: tuple[Any, ...]) -> Any:
-        return stage.train(*to_device(inputs, stage.device))
+        with self.meter.stage(stage.index):
+            return stage.train(*to_device(inputs, stage.device))
 
 
 def as_leaves(values: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -1,0 +1,159 @@
+"""What Features Replay and DDG share: gradients that arrive one step late.
+
+Both methods run every step as: for each module i < K, *advance* it on the
+current batch and get back, when its pipeline is full, an output of an older
+batch to back-propagate (FR recomputes it from a stored input; DDG keeps the
+graph from when the batch went through).  The stale gradient that module i+1
+computed one step earlier for exactly that output is pushed into it, inside the
+user's ``loss.backward()`` (see ``join.py``).  The gradients w.r.t. the inputs
+back-propagated this step are next step's stale gradients, one per boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..history import to_device
+from ..join import StaleGradients, join
+from ..partition import Stage
+from .base import Method, as_leaves
+
+Grads = tuple[torch.Tensor | None, ...]
+Values = tuple[Any, ...]
+
+
+class StaleGradientMethod(Method):
+    def __init__(self, stages: list[Stage]) -> None:
+        super().__init__(stages)
+        k = len(stages)
+        # Inputs back-propagated this step, as autograd leaves: after backward
+        # their .grad are the gradients each module sends down for the next step.
+        self._leaves: list[Values | None] = [None] * k
+        self._restored: list[Grads | None] | None = None  # stale gradients from a checkpoint
+        self._updated = [False] * k
+        self._stepped = False  # an optimizer step since the last training forward
+        self._zeroed = False  # a zero_grad since the last training forward
+        self._scale: torch.Tensor | None = None  # GradScaler scale the stale gradients carry
+
+    def advance(self, i: int, x: Values) -> tuple[Values, tuple[Values, Values] | None]:
+        """Run module i (< K) on this step's input ``x`` (already on its device).
+
+        Returns the input for module i+1 (no graph) and, once module i's pipeline is
+        full, ``(outputs, inputs)`` of the older batch whose stale gradient arrives now:
+        outputs with a graph to back-propagate, inputs as leaves (for i > 0).
+        """
+        raise NotImplementedError
+
+    def forward(self, inputs: Values) -> Any:
+        stale = self.stale_gradients()
+        self._check_backward_ran(stale)
+        ratio = self._scale_ratio()
+        self._restored, self._leaves = None, [None] * len(self.stages)
+        self._stepped = self._zeroed = False
+
+        outputs: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        x = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in inputs)
+        for i, stage in enumerate(self.stages[:-1]):
+            x, due = self.advance(i, to_device(x, stage.device))
+            if due is None:
+                if stale[i] is not None:
+                    raise RuntimeError(f"module {i + 1} received a stale gradient but has nothing to back-propagate")
+                continue
+            if stale[i] is None:  # the pipeline is refilling after a discarded step
+                continue
+            out, leaves = due
+            if len(out) != len(stale[i]):
+                raise RuntimeError(f"module {i + 1} returned {len(out)} values but received {len(stale[i])} gradients")
+            for value, grad in zip(out, stale[i]):
+                if grad is not None and isinstance(value, torch.Tensor) and value.requires_grad:
+                    grad = grad.to(stage.device, non_blocking=True)
+                    if ratio is not None:
+                        grad = grad * ratio.to(grad.device, non_blocking=True)
+                    outputs.append(value)
+                    grads.append(grad)
+                    self.meter.add(i, "stale_gradients", [grad])
+            if i > 0:
+                self._leaves[i] = leaves
+            self._updated[i] = True
+
+        last = self.stages[-1]
+        x = to_device(x, last.device)
+        if len(self.stages) > 1:
+            x = as_leaves(x)
+            self._leaves[-1] = x
+        self._updated[-1] = True
+        with self.meter.stage(len(self.stages) - 1):
+            out = last.train(*x)
+        self.account()
+        return join(out, StaleGradients(outputs, grads))
+
+    def account(self) -> None:
+        """Count what the method keeps between steps (histories, retained graphs) for the memory report."""
+
+    def updated_stages(self) -> list[bool]:
+        return list(self._updated)
+
+    def on_step(self) -> None:
+        super().on_step()
+        self._updated = [False] * len(self.stages)
+        self._stepped = True
+        scale = getattr(self.grad_scaler, "_scale", None)
+        # GradScaler steps before it updates its scale: this is the scale of this step's gradients.
+        self._scale = None if scale is None else scale.detach().clone()
+
+    def on_zero_grad(self) -> None:
+        self._zeroed = True
+
+    # ----------------------------------------------------------------------- stale gradients
+
+    def _discarded_last_step(self) -> bool:
+        # zero_grad() without step(): the user (or a GradScaler skipping an
+        # overflowing step) threw that step's gradients away, stale ones included.
+        return self._zeroed and not self._stepped
+
+    def stale_gradients(self) -> list[Grads | None]:
+        """For each boundary i, the gradient module i+2 sent down for module i+1's output (or None)."""
+        if self._restored is not None:
+            return self._restored
+        if self._discarded_last_step():
+            return [None] * (len(self.stages) - 1)
+        return [
+            None if leaves is None else tuple(v.grad if isinstance(v, torch.Tensor) else None for v in leaves)
+            for leaves in self._leaves[1:]
+        ]
+
+    def _check_backward_ran(self, stale: list[Grads | None]) -> None:
+        for i, grads in enumerate(stale):
+            if grads is not None and all(g is None for g in grads):
+                raise RuntimeError(
+                    f"module {i + 2} got no gradient in the previous training step: every training-mode forward "
+                    "must be followed by backward(). For forwards that should not train (metrics, evaluation) "
+                    "use model.eval() or torch.no_grad()"
+                )
+
+    def _scale_ratio(self) -> torch.Tensor | None:
+        current = getattr(self.grad_scaler, "_scale", None)
+        if current is None or self._scale is None or not self._stepped:
+            return None
+        return current / self._scale.to(current.device)
+
+    # ----------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(stale_gradients=self.stale_gradients(), updated=list(self._updated), scale=self._scale)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._restored = [
+            None if grads is None else to_device(tuple(grads), stage.device)
+            for stage, grads in zip(self.stages, state["stale_gradients"])
+        ]
+        self._leaves = [None] * len(self.stages)
+        self._updated = list(state["updated"])
+        self._scale = state["scale"]
+        self._stepped, self._zeroed = True, False
