@@ -14,6 +14,15 @@ def mlp(depth: int = 6, width: int = 16, inputs: int = 8, classes: int = 4, dtyp
     return nn.Sequential(*layers).to(dtype)
 
 
+def bn_dropout_net() -> nn.Sequential:
+    """An MLP with BatchNorm and dropout in the first two of its three modules."""
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2),
+        nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2),
+        nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4),
+    )  # fmt: skip
+
+
 def batches(n: int, batch: int = 16, inputs: int = 8, classes: int = 4, last: int | None = None, seed: int = 0):
     """``n`` fixed (x, y) batches; the last one has ``last`` rows when given (a smaller last batch)."""
     g = torch.Generator().manual_seed(seed)

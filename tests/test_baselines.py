@@ -8,8 +8,8 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import batches, max_param_diff, mlp
-from test_fr import sequential_stages
+from conftest import batches, bn_dropout_net, max_param_diff, mlp
+from test_fr import sequential_stages, step_modules
 from torch import nn
 
 from replay_opt import ReplayModelWrapper, ReplayOptimizer
@@ -49,11 +49,7 @@ def naive_ddg(stages: list[nn.Module], data, make_opt) -> None:
             if k > 0:
                 new_stale[k - 1], g = g[0], g[1:]
             grads[k] = list(g)
-        for k, gs in grads.items():
-            for p, gp in zip(stages[k].parameters(), gs):
-                p.grad = gp
-            opts[k].step()
-            opts[k].zero_grad()
+        step_modules(stages, opts, grads)
         stale = new_stale
 
 
@@ -109,14 +105,6 @@ def test_k1_is_plain_autograd(method):
     wrapper = ReplayModelWrapper(model, num_modules=1, method=method)
     train(wrapper, ReplayOptimizer(make_sgd(wrapper.parameters()), wrapper), data)
     assert max_param_diff(model, reference) <= 1e-6
-
-
-def bn_dropout_net() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2),
-        nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2),
-        nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4),
-    )  # fmt: skip
 
 
 @pytest.mark.parametrize("method", ALL)

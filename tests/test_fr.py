@@ -51,14 +51,19 @@ def naive_features_replay(stages: list[nn.Module], data, make_opt) -> list[list[
             if k > 0:
                 new_stale[k - 1], g = g[0], g[1:]
             grads[k] = list(g)
-        for k, gs in grads.items():
-            for p, gp in zip(stages[k].parameters(), gs):
-                p.grad = gp
-            opts[k].step()
-            opts[k].zero_grad()
+        step_modules(stages, opts, grads)
         updated.append(sorted(grads))
         stale = new_stale
     return updated
+
+
+def step_modules(stages: list[nn.Module], opts, grads: dict[int, list[torch.Tensor]]) -> None:
+    """Each module that has gradients this step takes its own optimizer step; the others do nothing."""
+    for k, gs in grads.items():
+        for p, gp in zip(stages[k].parameters(), gs):
+            p.grad = gp
+        opts[k].step()
+        opts[k].zero_grad()
 
 
 def sequential_stages(model: nn.Sequential, split: list[int]) -> list[nn.Sequential]:

@@ -8,18 +8,10 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import batches, max_param_diff
+from conftest import batches, bn_dropout_net, max_param_diff
 from torch import nn
 
 from replay_opt import ReplayModelWrapper, ReplayOptimizer
-
-
-def net() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2),
-        nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2),
-        nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4),
-    )  # fmt: skip
 
 
 def build(model, k=3):
@@ -42,7 +34,7 @@ def train(wrapper, opt, sched, data):
 @pytest.mark.parametrize("resume_at", [1, 6])  # pipeline still filling / full
 def test_state_dict_round_trip_resumes_identically(k, resume_at):
     data = batches(12, last=7)
-    straight = build(net(), k)
+    straight = build(bn_dropout_net(), k)
     train(*straight, data[:resume_at])
     buffer = io.BytesIO()
     torch.save(
@@ -51,7 +43,7 @@ def test_state_dict_round_trip_resumes_identically(k, resume_at):
     torch.manual_seed(7)
     train(*straight, data[resume_at:])
 
-    resumed = build(net(), k)  # fresh weights, fresh pipeline
+    resumed = build(bn_dropout_net(), k)  # fresh weights, fresh pipeline
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=False)
     resumed[0].load_state_dict(saved["model"])
@@ -65,7 +57,7 @@ def test_state_dict_round_trip_resumes_identically(k, resume_at):
 
 
 def test_state_dict_holds_the_replay_state():
-    wrapper, opt, sched = build(net(), k=3)
+    wrapper, opt, sched = build(bn_dropout_net(), k=3)
     train(wrapper, opt, sched, batches(4))
     replay = opt.state_dict()["replay"]
     assert replay["method"] == "fr" and replay["steps"] == 4
@@ -74,15 +66,15 @@ def test_state_dict_holds_the_replay_state():
 
 
 def test_loading_into_a_different_pipeline_is_an_error():
-    wrapper, opt, sched = build(net(), k=3)
+    wrapper, opt, sched = build(bn_dropout_net(), k=3)
     train(wrapper, opt, sched, batches(2))
-    other = build(net(), k=2)[1]
+    other = build(bn_dropout_net(), k=2)[1]
     with pytest.raises(ValueError, match="num_modules=3"):
         other.load_state_dict(opt.state_dict())
 
 
 def test_is_an_optimizer_with_closure_and_schedulers():
-    wrapper, opt, sched = build(net())
+    wrapper, opt, sched = build(bn_dropout_net())
     assert isinstance(opt, torch.optim.Optimizer)
     x, y = batches(1)[0]
 
@@ -102,7 +94,7 @@ def test_is_an_optimizer_with_closure_and_schedulers():
 
 
 def test_param_groups_with_different_settings():
-    model = net()
+    model = bn_dropout_net()
     reference = copy.deepcopy(model)
     groups = lambda m: [  # noqa: E731
         {"params": [p for n, p in m.named_parameters() if n.endswith("bias")], "weight_decay": 0.0},
@@ -154,7 +146,7 @@ def test_grad_scaler_keeps_stale_gradients_consistent_with_the_scale():
 def test_skipped_step_discards_its_stale_gradients():
     """zero_grad() without step() (what a GradScaler does on overflow) drops that step's gradients,
     stale ones included; the pipeline then refills from the top."""
-    wrapper, opt, _ = build(net(), k=3)
+    wrapper, opt, _ = build(bn_dropout_net(), k=3)
     data = batches(6)
     for t, (x, y) in enumerate(data):
         F.cross_entropy(wrapper(x), y).backward()
