@@ -12,6 +12,7 @@ parallel, as soon as its gradient is ready.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,11 +20,22 @@ from torch.utils._pytree import tree_map_only
 
 
 class StaleGradients:
-    """Replayed outputs and the gradients to push into them, delivered once per step."""
+    """Replayed outputs and the gradients to push into them, delivered once per step.
 
-    def __init__(self, outputs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    ``on_backward``, when given, runs once when the whole backward pass has finished
+    (after every gradient, on every device, is in place): the multi-process pipeline
+    sends its gradients down and averages over replicas there.
+    """
+
+    def __init__(
+        self,
+        outputs: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        on_backward: Callable[[], None] | None = None,
+    ) -> None:
         self.outputs = outputs
         self.grads = grads
+        self.on_backward = on_backward
         self.delivered = False
 
 
@@ -40,12 +52,14 @@ class _Join(torch.autograd.Function):
         if stale.delivered:
             return (None, grad_output, *(None for _ in stale.grads))
         stale.delivered = True
+        if stale.on_backward is not None:
+            torch.autograd.Variable._execution_engine.queue_callback(stale.on_backward)
         return (None, grad_output, *stale.grads)
 
 
 def join(output: Any, stale: StaleGradients) -> Any:
     """Return ``output`` unchanged in value, wired so that its backward also runs the replays."""
-    if not stale.outputs:
+    if not stale.outputs and stale.on_backward is None:
         return output
 
     def attach(t: torch.Tensor) -> torch.Tensor:

@@ -117,16 +117,35 @@ class ReplayOptimizer(torch.optim.Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        state = self.optimizer.state_dict()
-        state["replay"] = self.model.replay_state_dict()
-        return state
+        """The inner optimizer's state dict plus ``"replay"``; collective with one process per module."""
+        pipeline = self.model._pipeline
+        if pipeline is None:
+            state = self.optimizer.state_dict()
+            state["replay"] = self.model.replay_state_dict()
+            return state
+        pipeline.before_state_dict()
+        return pipeline.optimizer_state_dict(
+            self.optimizer.state_dict(), self._local_indices(), self.model.replay_state_dict()
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         replay = state_dict.pop("replay", None)
+        pipeline = self.model._pipeline
+        if pipeline is not None:
+            local = self._local_indices()
+            state_dict["state"] = {i: st for i, st in state_dict["state"].items() if int(i) in local}
+            if replay is not None:
+                replay = pipeline.load_replay(replay)
         self.optimizer.load_state_dict(state_dict)
         if replay is not None:
             self.model.load_replay_state_dict(replay)
+
+    def _local_indices(self) -> set[int]:
+        """Positions (as in ``state_dict()["state"]``) of the parameters this rank's module trains."""
+        own = {id(p) for p in self.model._local_stage.parameters()}
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return {i for i, p in enumerate(params) if id(p) in own}
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__

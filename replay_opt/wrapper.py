@@ -11,9 +11,11 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
+from .distributed import Layout, local_device, pipeline_layout
 from .history import to_device
 from .methods import make_method
 from .partition import Balance, Stage, partition
+from .pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,12 @@ class ReplayModelWrapper(nn.Module):
         track_memory: count the bytes each module holds for backward in every
             training step (see ``memory_report``); off by default because it
             hooks every tensor autograd saves.
+        timeout: seconds any wait on another process may take before it is
+            declared failed (multi-process mode).
+
+    Under ``accelerate launch`` / ``torchrun`` with W = K x D processes, rank r
+    runs module ``r % K`` of data-parallel replica ``r // K`` (see
+    ``pipeline.py`` for what ``model(x)`` returns on the other ranks).
 
     In training mode with gradients enabled, ``wrapper(x)`` is one pipeline
     step: pair it with ``loss.backward()`` and ``ReplayOptimizer.step()``.  In
@@ -66,6 +74,7 @@ class ReplayModelWrapper(nn.Module):
         devices: Sequence[DeviceLike] | None = None,
         example_inputs: tuple[Any, ...] | None = None,
         track_memory: bool = False,
+        timeout: float = 300.0,
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -85,12 +94,30 @@ class ReplayModelWrapper(nn.Module):
         self.units: list[str] = cut.units
         self.method: str = method
         _check_no_shared_parameters(self._stages)
-        self._devices = _resolve_devices(devices, len(self._stages))
-        if self._devices is not None:
-            for stage, device in zip(self._stages, self._devices):
-                stage.device = device
-                stage.train.to(device)
         self._method = make_method(method, self._stages)
+        self._pipeline: Pipeline | None = None
+        layout = pipeline_layout(len(self._stages))
+        if layout is None:
+            self._devices = _resolve_devices(devices, len(self._stages))
+            if self._devices is not None:
+                for stage, device in zip(self._stages, self._devices):
+                    stage.device = device
+                    stage.train.to(device)
+        else:
+            if devices is not None:
+                raise ValueError(
+                    "devices= cannot be combined with one process per module: each process runs its module on "
+                    "its own device (Accelerate's / LOCAL_RANK's); drop devices="
+                )
+            device = local_device()
+            self._stages[layout.stage].train.to(device)
+            self._devices = [device] * len(self._stages)
+            self._pipeline = Pipeline(self._stages, self._method, layout, device, timeout)
+            # Tell accelerator.prepare to leave this model alone: no move to one device, no DDP
+            # (replicas average their gradients themselves, per module).
+            self._is_accelerate_prepared = True
+            if layout.rank == 0:
+                print(layout.describe(), flush=True)
         self.track_memory = track_memory
         self._optimizer: Any = None  # the ReplayOptimizer bound to this model
         stage0 = self._stages[0].train
@@ -149,17 +176,95 @@ class ReplayModelWrapper(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._sync_devices()
-        if not (self.training and torch.is_grad_enabled()):
+        training = self.training and torch.is_grad_enabled()
+        if training:
+            if self._optimizer is None and self.method != "bp":
+                raise RuntimeError(
+                    "no ReplayOptimizer is bound to this model: wrap the optimizer with "
+                    "`optimizer = ReplayOptimizer(optimizer, model)` before training"
+                )
+            self._check_grad_scaler()
+            self._method.meter.begin_step()
+        if self._pipeline is not None:
+            with self._autocast():
+                if training:
+                    return self._pipeline.train_forward(self._bind(args, kwargs))
+                return self._pipeline.infer(self._bind(args, kwargs), self.training)
+        if not training:
             return self._inference(args, kwargs)
-        if self._optimizer is None and self.method != "bp":
-            raise RuntimeError(
-                "no ReplayOptimizer is bound to this model: wrap the optimizer with "
-                "`optimizer = ReplayOptimizer(optimizer, model)` before training"
-            )
-        self._check_grad_scaler()
-        self._method.meter.begin_step()
         out = self._method.forward(self._bind(args, kwargs))
         return self._to_input_device(out, args)
+
+    # ----------------------------------------------------------------------- multi-process
+
+    @property
+    def layout(self) -> Layout | None:
+        """Which rank runs which module (None in one process)."""
+        return None if self._pipeline is None else self._pipeline.layout
+
+    def sum_over_last_modules(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over data-parallel replicas of ``value`` as computed on each replica's last module.
+
+        The loss and accuracy are only meaningful on the rank of the last module; every rank
+        calls this at the same point and gets the same result.  In one process: ``value``.
+        """
+        return value if self._pipeline is None else self._pipeline.sum_over_last_modules(value)
+
+    def prepare_data_loader(self, loader: Any, **kwargs: Any) -> Any:
+        """``accelerate``'s ``prepare_data_loader``, sharded over data-parallel replicas, not ranks.
+
+        All ranks of one pipeline must see the same batches (module 1 needs the inputs, the
+        last module the targets); ``accelerator.prepare(loader)`` would give each rank its own.
+        """
+        from accelerate.data_loader import prepare_data_loader
+
+        layout = self.layout
+        kwargs.setdefault("use_seedable_sampler", True)
+        return prepare_data_loader(
+            loader,
+            device=self.devices[0 if layout is None else layout.stage],
+            num_processes=1 if layout is None else layout.replicas,
+            process_index=0 if layout is None else layout.replica,
+            put_on_device=True,
+            **kwargs,
+        )
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        """As ``nn.Module.state_dict``; with one process per module, collective (call it on every rank):
+        each module's entries come from the rank that trains it."""
+        full = super().state_dict(*args, **kwargs)
+        if self._pipeline is None or args:
+            return full
+        prefix = kwargs.get("prefix", "")
+        own = {id(t) for t in [*self._local_stage.parameters(), *self._local_stage.train.buffers()]}
+        local_keys = {
+            f"{prefix}module.{name}"
+            for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]
+            if id(t) in own
+        }
+        return self._pipeline.model_state_dict(full, local_keys)
+
+    @property
+    def _local_stage(self) -> Stage:
+        assert self._pipeline is not None
+        return self._pipeline.stage
+
+    def _autocast(self) -> Any:
+        import contextlib
+
+        try:
+            from accelerate.state import AcceleratorState
+        except ImportError:  # pragma: no cover
+            return contextlib.nullcontext()
+        mode = AcceleratorState().mixed_precision if AcceleratorState._shared_state else "no"
+        if mode == "fp16":
+            raise RuntimeError(
+                "fp16 loss scaling is not supported with one process per module (each rank would skip "
+                "steps on its own); use bf16"
+            )
+        if mode == "bf16":
+            return torch.autocast(self._pipeline.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _inference(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._devices is None:

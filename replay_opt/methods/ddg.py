@@ -83,6 +83,9 @@ class DelayedGradients(StaleGradientMethod):
         with kept.rng.restored(), frozen_running_stats(stage.train), self.meter.stage(i, kept.saved):
             kept.outputs = functional_call(stage.train, weights, kept.inputs)
 
+    def due_next_step(self, i: int) -> bool:
+        return len(self.graphs[i]) == self._capacity[i] - 1
+
     def account(self) -> None:
         for i, graphs in enumerate(self.graphs):
             for kept in graphs:

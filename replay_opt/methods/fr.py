@@ -53,6 +53,9 @@ class FeaturesReplay(StaleGradientMethod):
             replayed = stage.train(*inputs)  # replay: input of step t-(K-k), weights w^t
         return played, (replayed, inputs)
 
+    def due_next_step(self, i: int) -> bool:
+        return len(self.histories[i]) == self.histories[i].capacity - 1
+
     def account(self) -> None:
         for i, history in enumerate(self.histories):
             self.meter.add(i, "history", (v for entry in history for v in entry.inputs))

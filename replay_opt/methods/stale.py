@@ -46,49 +46,82 @@ class StaleGradientMethod(Method):
         """
         raise NotImplementedError
 
-    def forward(self, inputs: Values) -> Any:
+    def begin_step(self) -> tuple[list[Grads | None], bool]:
+        """Take last step's stale gradients (and whether that step was discarded); reset per-step state."""
         stale = self.stale_gradients()
-        self._check_backward_ran(stale)
-        ratio = self._scale_ratio()
+        discarded = self._discarded_last_step() and self._restored is None
         self._restored, self._leaves = None, [None] * len(self.stages)
         self._stepped = self._zeroed = False
+        return stale, discarded
 
+    def step_module(
+        self,
+        i: int,
+        x: Values,
+        stale: Any,
+        outputs: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        ratio: torch.Tensor | None = None,
+    ) -> Values:
+        """Advance module i (< K) on ``x`` and pair its due output with its stale gradient.
+
+        ``stale`` is the gradient tuple, None, or a callable ``(next_input, due) -> grads``
+        called right after ``advance``, so that another process can be handed the
+        activations and a gradient still in flight can arrive while this module played.
+        Returns the input for module i+1.
+        """
+        x, due = self.advance(i, x)
+        if callable(stale):
+            stale = stale(x, due is not None)
+        if due is None:
+            if stale is not None:
+                raise RuntimeError(f"module {i + 1} received a stale gradient but has nothing to back-propagate")
+            return x
+        if stale is None:  # the pipeline is refilling after a discarded step
+            return x
+        out, leaves = due
+        if len(out) != len(stale):
+            raise RuntimeError(f"module {i + 1} returned {len(out)} values but received {len(stale)} gradients")
+        device = self.stages[i].device
+        for value, grad in zip(out, stale):
+            if grad is not None and isinstance(value, torch.Tensor) and value.requires_grad:
+                grad = grad.to(device, non_blocking=True)
+                if ratio is not None:
+                    grad = grad * ratio.to(grad.device, non_blocking=True)
+                outputs.append(value)
+                grads.append(grad)
+                self.meter.add(i, "stale_gradients", [grad])
+        if i > 0:
+            self._leaves[i] = leaves
+        self._updated[i] = True
+        return x
+
+    def run_last(self, x: Values) -> Any:
+        """Module K on this step's input, its input kept as leaves (their gradients go down)."""
+        k = len(self.stages)
+        if k > 1:
+            x = as_leaves(x)
+            self._leaves[-1] = x
+        self._updated[-1] = True
+        with self.meter.stage(k - 1):
+            return self.stages[-1].train(*x)
+
+    def forward(self, inputs: Values) -> Any:
+        ratio = self._scale_ratio()
+        stale, _ = self.begin_step()
+        self._check_backward_ran(stale)
         outputs: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
         x = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in inputs)
         for i, stage in enumerate(self.stages[:-1]):
-            x, due = self.advance(i, to_device(x, stage.device))
-            if due is None:
-                if stale[i] is not None:
-                    raise RuntimeError(f"module {i + 1} received a stale gradient but has nothing to back-propagate")
-                continue
-            if stale[i] is None:  # the pipeline is refilling after a discarded step
-                continue
-            out, leaves = due
-            if len(out) != len(stale[i]):
-                raise RuntimeError(f"module {i + 1} returned {len(out)} values but received {len(stale[i])} gradients")
-            for value, grad in zip(out, stale[i]):
-                if grad is not None and isinstance(value, torch.Tensor) and value.requires_grad:
-                    grad = grad.to(stage.device, non_blocking=True)
-                    if ratio is not None:
-                        grad = grad * ratio.to(grad.device, non_blocking=True)
-                    outputs.append(value)
-                    grads.append(grad)
-                    self.meter.add(i, "stale_gradients", [grad])
-            if i > 0:
-                self._leaves[i] = leaves
-            self._updated[i] = True
-
-        last = self.stages[-1]
-        x = to_device(x, last.device)
-        if len(self.stages) > 1:
-            x = as_leaves(x)
-            self._leaves[-1] = x
-        self._updated[-1] = True
-        with self.meter.stage(len(self.stages) - 1):
-            out = last.train(*x)
+            x = self.step_module(i, to_device(x, stage.device), stale[i], outputs, grads, ratio)
+        out = self.run_last(to_device(x, self.stages[-1].device))
         self.account()
         return join(out, StaleGradients(outputs, grads))
+
+    def due_next_step(self, i: int) -> bool:
+        """Whether module i (< K) will have an output to back-propagate in the next step."""
+        raise NotImplementedError
 
     def account(self) -> None:
         """Count what the method keeps between steps (histories, retained graphs) for the memory report."""
