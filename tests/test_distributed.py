@@ -37,7 +37,7 @@ def launch(world: int, *args: str, timeout: float = 240) -> list[subprocess.Comp
         procs.append(
             subprocess.Popen(
                 [sys.executable, str(WORKER), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )  # fmt: skip
+            )
         )
     results = []
     deadline = time.monotonic() + timeout
@@ -62,9 +62,8 @@ def single_process(k: int, replicas: int, steps: int, method: str = "fr") -> tup
     losses = []
     for t in range(steps):
         parts = data[t * replicas : (t + 1) * replicas]
-        x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        # The replicas average mean losses over shards of different sizes on the last step only.
-        out = wrapper(x)
+        # Each replica's loss is the mean over its shard; the replicas average them.
+        out = wrapper(torch.cat([p[0] for p in parts]))
         loss = sum(F.cross_entropy(out[i : i + len(p[1])], p[1]) for i, p in zip(_offsets(parts), parts))
         loss = loss / replicas
         loss.backward()
