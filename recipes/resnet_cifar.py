@@ -173,18 +173,22 @@ def evaluate(model, loader, augment: Augment, accelerator: Accelerator) -> tuple
 
 
 def _evaluate(model, loader, augment: Augment, accelerator: Accelerator) -> tuple[float, float]:
+    replay_model = accelerator.unwrap_model(model)
     model.eval()
     loss_sum = torch.zeros((), device=accelerator.device)
     correct = torch.zeros((), device=accelerator.device)
-    count = 0
+    count = torch.zeros((), device=accelerator.device)
     for x, y in loader:
-        out = model(augment.normalize(x))
-        out, y = accelerator.gather_for_metrics((out, y))
-        loss_sum += F.cross_entropy(out, y, reduction="sum")
+        out = model(augment.normalize(x))  # one process per module: a forward-only pass through the ranks
+        if replay_model.layout is None:
+            out, y = accelerator.gather_for_metrics((out, y))
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
         count += len(y)
     model.train()
-    return loss_sum.item() / count, correct.item() / count
+    # Only the last module's rank computes real outputs: its sums, over replicas, reach every rank.
+    loss_sum, correct, count = (replay_model.sum_over_last_modules(t) for t in (loss_sum, correct, count))
+    return loss_sum.item() / count.item(), correct.item() / count.item()
 
 
 # ----------------------------------------------------------------------------- main
@@ -199,6 +203,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() != accelerator.num_processes:
+        raise SystemExit(
+            f"torch.distributed runs {torch.distributed.get_world_size()} processes but Accelerate sees "
+            f"{accelerator.num_processes}: on a machine without GPUs launch with ACCELERATE_USE_CPU=1 "
+            "(ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes K ..., "
+            "or ACCELERATE_USE_CPU=1 torchrun ...)"
+        )
     set_seed(args.seed)
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -234,16 +245,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.parser.error(str(exc))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     optimizer = ReplayOptimizer(optimizer, model, grad_scaler=accelerator.scaler)  # <- replay_opt: line 2
+    model, optimizer = accelerator.prepare(model, optimizer)
+    replay_model = accelerator.unwrap_model(model)
+    replicas = 1 if replay_model.layout is None else replay_model.layout.replicas
+    if replay_model.layout is None:
+        train_loader, test_loader = accelerator.prepare(train_loader, test_loader)
+    else:  # <- replay_opt: the ranks of one pipeline share batches; shard over replicas only
+        train_loader = replay_model.prepare_data_loader(train_loader)
+        test_loader = replay_model.prepare_data_loader(test_loader, even_batches=False)
     steps_per_epoch = len(train_loader)
+    # Stepped once per optimizer step (Accelerate's prepared scheduler would step once per process).
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=[m * steps_per_epoch for m in args.milestones], gamma=args.gamma
     )
-    model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, test_loader, scheduler
-    )
-    replay_model = accelerator.unwrap_model(model)
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
+    accelerator.register_for_checkpointing(scheduler)
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
         accelerator.load_state(str(checkpoint))
@@ -296,14 +313,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if last_step:
                 held = replay_model.memory_report()
                 replay_model.track_memory = False
-            loss_sum += loss.detach() * len(y)
+            loss_sum += loss.detach().float() * len(y)
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
             progress.step_in_epoch += 1
             progress.global_step += 1
             bar.update()
             if progress.global_step % args.log_every == 0:
-                step_loss = loss.item()
+                step_loss = replay_model.sum_over_last_modules(loss.detach().float()).item() / replicas
                 loss_log.append((progress.global_step, step_loss))
                 bar.set_postfix(loss=f"{step_loss:.3f}")
                 lr = optimizer.param_groups[0]["lr"]
@@ -316,6 +333,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         epoch_finished = progress.step_in_epoch >= steps_per_epoch
         if epoch_finished:
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
+        seen = replay_model.sum_over_last_modules(torch.tensor(float(seen))).item()
+        loss_sum, correct = (replay_model.sum_over_last_modules(t) for t in (loss_sum, correct))
         metrics: dict[str, float] = {
             "epoch": epoch + 1,
             "train/epoch_loss": loss_sum.item() / max(seen, 1),

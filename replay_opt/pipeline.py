@@ -173,7 +173,7 @@ class Pipeline:
     def optimizer_state_dict(self, inner: dict[str, Any], local: set[int], replay: dict[str, Any]) -> dict[str, Any]:
         self.before_state_dict()
         own = {i: _to_cpu(st) for i, st in inner["state"].items() if i in local} if self.layout.replica == 0 else {}
-        mine = {"rank_state": _to_cpu(replay), "ticks": self.ticks, "output_spec": self._output_spec}
+        mine = {"rank_state": _to_cpu(replay), "ticks": self.ticks}
         parts = self.transport.gather_objects((own, mine))
         state: dict[int, Any] = {}
         for own_part, _ in parts:
@@ -198,7 +198,7 @@ class Pipeline:
             )
         mine = replay["ranks"][self.layout.rank]
         self.ticks = mine["ticks"]
-        self._output_spec = mine["output_spec"]
+        self._output_spec = None  # learnt again, together, at the next forward
         return mine["rank_state"]
 
 

@@ -113,6 +113,12 @@ class ReplayModelWrapper(nn.Module):
             self._stages[layout.stage].train.to(device)
             self._devices = [device] * len(self._stages)
             self._pipeline = Pipeline(self._stages, self._method, layout, device, timeout)
+            splits = self._pipeline.transport.gather_objects(self.split_points)
+            if any(other != self.split_points for other in splits):
+                raise ValueError(
+                    f"the ranks cut the model differently ({splits}); with one process per module pass "
+                    "split_points=[...] (balance='time' measures on each rank and may disagree)"
+                )
             # Tell accelerator.prepare to leave this model alone: no move to one device, no DDP
             # (replicas average their gradients themselves, per module).
             self._is_accelerate_prepared = True
@@ -163,10 +169,12 @@ class ReplayModelWrapper(nn.Module):
     def describe(self) -> str:
         """A table of the partition: each module's first and last unit, parameters and device."""
         lines = [f"{type(self.module).__name__} -> {self.num_modules} modules, method={self.method!r}"]
+        layout = self.layout
         for stage, device in zip(self._stages, self.devices):
             params = sum(p.numel() for p in stage.parameters())
             first = self.split_points[stage.index - 1] if stage.index else "(input)"
-            lines.append(f"  module {stage.index + 1}: from {first:<24} {params:>12,} params  on {device}")
+            where = f"on {device}" if layout is None else f"on rank {layout.rank_of(stage.index)}"
+            lines.append(f"  module {stage.index + 1}: from {first:<24} {params:>12,} params  {where}")
         return "\n".join(lines)
 
     def extra_repr(self) -> str:
