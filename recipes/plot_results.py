@@ -19,7 +19,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", type=Path, help="results.json files written by resnet_cifar.py")
     p.add_argument("-o", "--output", type=Path, default=Path("runs.png"))
+    p.add_argument("--sigma", action="store_true", help="plot the diagnostics (sigma per module) instead")
     args = p.parse_args()
+    if args.sigma:
+        plot_sigma(args)
+        return
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     for path in args.results:
         r = json.loads(path.read_text())
@@ -33,6 +37,23 @@ def main() -> None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.output, dpi=120)
+    print(f"wrote {args.output}")
+
+
+def plot_sigma(args: argparse.Namespace) -> None:
+    """Figure 3 of the paper: sigma of each module against the step, one panel per run."""
+    fig, axes = plt.subplots(1, len(args.results), figsize=(5.5 * len(args.results), 3.8), squeeze=False)
+    for ax, path in zip(axes[0], args.results):
+        r = json.loads(path.read_text())
+        records = r["diagnostics"]
+        for k in range(len(records[0]["sigma"])):
+            ax.plot([d["step"] for d in records], [d["sigma"][k] for d in records], label=f"module {k + 1}")
+        ax.set(xlabel="step", ylabel="sigma", title=f"{r['method'].upper()} K={r['modules']} {r['model']}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.output, dpi=120)
     print(f"wrote {args.output}")

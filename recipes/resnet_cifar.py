@@ -68,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("evaluation, logging, checkpoints")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: only at the end)")
     g.add_argument("--log-every", type=int, default=20, help="log the training loss every N steps")
+    g.add_argument(
+        "--diagnostics-every",
+        type=int,
+        default=None,
+        help="every N steps, log each module's sigma and cosine against the true gradient (paper Fig. 3)",
+    )
     g.add_argument("--output-dir", default="outputs/resnet_cifar")
     g.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint directory, or 'latest'")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
@@ -240,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             split_points=args.split_points,
             balance=args.balance,
             example_inputs=example if args.balance == "time" else None,
+            diagnostics_every=args.diagnostics_every,
         )
     except ValueError as exc:
         args.parser.error(str(exc))
@@ -310,6 +317,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
+            if (
+                args.diagnostics_every
+                and replay_model.diagnostics
+                and replay_model.diagnostics[-1]["step"] == (progress.global_step)
+            ):
+                record = replay_model.diagnostics[-1]
+                logged = {f"diagnostics/sigma_module{k}": v for k, v in enumerate(record["sigma"], 1)}
+                logged.update({f"diagnostics/cosine_module{k}": v for k, v in enumerate(record["cosine"], 1)})
+                accelerator.log(logged, step=progress.global_step)
             if last_step:
                 held = replay_model.memory_report()
                 replay_model.track_memory = False
@@ -378,6 +394,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "final_test_error": 100 * (1 - progress.last_acc),
         "history": history,
         "train_loss_log": loss_log,
+        "diagnostics": replay_model.diagnostics,
     }
     accelerator.log(
         {"final/best_test_error": results["best_test_error"], "final/test_error": results["final_test_error"]}

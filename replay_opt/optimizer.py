@@ -100,6 +100,9 @@ class ReplayOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._method.before_step()
+        if self.model._sufficient_direction is not None:
+            scale = getattr(self.grad_scaler, "_scale", None)
+            self.model._sufficient_direction.measure(self._method.steps, self._method.stages, scale)
         # Modules still waiting for their first (input, gradient) pair must not
         # move at all: hide their gradients so the optimizer skips them.
         hidden = []

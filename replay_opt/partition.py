@@ -17,7 +17,6 @@ forward+backward time.
 from __future__ import annotations
 
 import difflib
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,7 +120,9 @@ def choose_split_points(
                     'balance="time" profiles each unit and needs example_inputs=(x,) with a batch like the '
                     'training batches; pass it, or use the default balance="params"'
                 )
-            weights = profile_units(model, units, example_inputs)
+            from .plan import profile  # the planner's profiler: forward + backward time per unit
+
+            weights = [u.forward_s + u.backward_s for u in profile(model, example_inputs)]
         else:
             raise ValueError(f'balance must be "params", "time" or a list of unit counts, got {balance!r}')
         starts = balanced_starts(weights, num_modules)
@@ -162,46 +163,6 @@ def balanced_starts(weights: Sequence[float], parts: int) -> list[int]:
         i = cut[j][i]
         starts.append(i)
     return starts[::-1]
-
-
-def profile_units(model: nn.Module, units: list[str], example_inputs: tuple[Any, ...], repeats: int = 3) -> list[float]:
-    """Forward+backward seconds of each unit on ``example_inputs``, model state left untouched."""
-    stages = _build_stages(model, units[1:], units)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    grads = {p: p.grad for p in model.parameters()}
-    device = next(model.parameters(), torch.empty(0)).device
-    sync = torch.get_device_module(device.type).synchronize if device.type != "cpu" else (lambda: None)
-    times: list[float] = []
-    with torch.random.fork_rng(devices=[]):
-        x: tuple[Any, ...] = tuple(example_inputs)
-        for stage in stages:
-            inputs = tuple(v.detach().requires_grad_() if _is_float(v) else v for v in x)
-            samples = []
-            for repeat in range(repeats + 1):  # the first run is a warm-up
-                sync()
-                start = time.perf_counter()
-                out = stage.train(*inputs)
-                tensors = [t for t in _flat(out) if isinstance(t, torch.Tensor) and t.requires_grad]
-                if tensors:
-                    torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
-                sync()
-                if repeat:
-                    samples.append(time.perf_counter() - start)
-            times.append(min(samples))
-            with torch.no_grad():
-                x = stage.train(*inputs)
-    model.load_state_dict(state)
-    for p, g in grads.items():
-        p.grad = g
-    return times
-
-
-def _flat(out: Any) -> list[Any]:
-    return list(out) if isinstance(out, (tuple, list)) else [out]
-
-
-def _is_float(v: Any) -> bool:
-    return isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
 
 
 def _check_names(model: nn.Module, split_points: list[str]) -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
+from .diagnostics import SufficientDirection
 from .distributed import Layout, local_device, pipeline_layout
 from .history import to_device
 from .methods import make_method
@@ -52,6 +53,9 @@ class ReplayModelWrapper(nn.Module):
             hooks every tensor autograd saves.
         timeout: seconds any wait on another process may take before it is
             declared failed (multi-process mode).
+        diagnostics_every: every N optimizer steps, compare each module's
+            gradient with the true backprop gradient on the same batch and
+            weights (the paper's sigma and the cosine; see ``diagnostics``).
 
     Under ``accelerate launch`` / ``torchrun`` with W = K x D processes, rank r
     runs module ``r % K`` of data-parallel replica ``r // K`` (see
@@ -75,6 +79,7 @@ class ReplayModelWrapper(nn.Module):
         example_inputs: tuple[Any, ...] | None = None,
         track_memory: bool = False,
         timeout: float = 300.0,
+        diagnostics_every: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -125,6 +130,9 @@ class ReplayModelWrapper(nn.Module):
             if layout.rank == 0:
                 print(layout.describe(), flush=True)
         self.track_memory = track_memory
+        self._sufficient_direction = SufficientDirection(diagnostics_every) if diagnostics_every else None
+        if self._sufficient_direction is not None and self._pipeline is not None:
+            raise ValueError("diagnostics_every runs in one process; drop it with one process per module")
         self._optimizer: Any = None  # the ReplayOptimizer bound to this model
         stage0 = self._stages[0].train
         self._signature = None if isinstance(stage0, nn.Sequential) else inspect.signature(stage0.forward)
@@ -200,8 +208,20 @@ class ReplayModelWrapper(nn.Module):
                 return self._pipeline.infer(self._bind(args, kwargs), self.training)
         if not training:
             return self._inference(args, kwargs)
-        out = self._method.forward(self._bind(args, kwargs))
+        inputs = self._bind(args, kwargs)
+        watch = self._sufficient_direction
+        if watch is not None and watch.due(self._method.steps):
+            watch.watch(inputs, self._stages)
+        out = self._method.forward(inputs)
+        if watch is not None:
+            out = watch.wrap_output(out)
         return self._to_input_device(out, args)
+
+    @property
+    def diagnostics(self) -> list[dict[str, Any]]:
+        """With ``diagnostics_every=N``: one record per measured step, ``{"step", "sigma", "cosine"}``,
+        each a list over modules (sigma = <true grad, applied grad> / ||true grad||^2)."""
+        return [] if self._sufficient_direction is None else self._sufficient_direction.records
 
     # ----------------------------------------------------------------------- multi-process
 

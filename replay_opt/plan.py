@@ -1,0 +1,227 @@
+"""Planner: predict the step time of K devices from a profile taken on one, and recommend K and the cut.
+
+    python -m replay_opt.plan --model resnet110 --batch-size 128 --max-modules 8 --bandwidth 25e9
+
+Each unit of the model (see ``ReplayModelWrapper.units``) is timed forward and backward on one
+device, and the bytes that cross a cut placed after it are counted (every value alive there,
+residuals included).  For a cut into modules with forward time F_k, backward time B_k and
+boundary transfer time c_k = latency + bytes_k / bandwidth, one training step takes
+
+* BP, naive model parallelism (every device waits):  sum_k (F_k + B_k) + 2 sum_k c_k
+* GPipe with M micro-batches (fill and drain):         sum_k (f_k + c_k) + (M-1) max_k (f_k + c_k)
+                                                       + the same for b_k,  with f_k = F_k / M, b_k = B_k / M,
+                                                       c_k for a micro-batch
+* DDG, one process per module (no one waits):          max_k (F_k + B_k + c_k)
+* FR, one process per module:                          max_k (2 F_k + B_k + c_k, k < K;  F_K + B_K)
+  (module k < K plays and replays; the last module only plays)
+
+The last two are steady-state throughput bounds: in a step every device does its own work and
+sends its activations on (c_K = 0), and nobody waits for anybody else's backward pass.
+``recommend`` picks, for each K, the cut that minimises the predicted FR step (exact dynamic
+programming) and reports the speed-up over one device.  docs/benchmarks.md compares these
+predictions with measurements on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .partition import _build_stages, candidate_units
+
+
+@dataclass
+class UnitProfile:
+    name: str
+    forward_s: float
+    backward_s: float
+    output_bytes: int  # what crosses a cut placed right after this unit
+    params: int
+
+
+def profile(model: nn.Module, example_inputs: tuple[Any, ...], repeats: int = 3) -> list[UnitProfile]:
+    """Time each unit's forward and backward on the model's device; leaves the model as it was."""
+    units = candidate_units(model)
+    stages = _build_stages(model, units[1:], units)
+    device = next(model.parameters()).device
+    sync = torch.get_device_module(device.type).synchronize if device.type != "cpu" else (lambda: None)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {p: p.grad for p in model.parameters()}
+    out_profiles = []
+    with torch.random.fork_rng(devices=[]):
+        x: tuple[Any, ...] = tuple(example_inputs)
+        for name, stage in zip(units, stages):
+            inputs = tuple(
+                v.detach().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in x
+            )
+            fwd, bwd = [], []
+            for r in range(repeats + 1):  # the first run warms up
+                sync()
+                t0 = time.perf_counter()
+                out = stage.train(*inputs)
+                sync()
+                t1 = time.perf_counter()
+                values = list(out) if isinstance(out, (tuple, list)) else [out]
+                tensors = [t for t in values if isinstance(t, torch.Tensor) and t.requires_grad]
+                if tensors:
+                    torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
+                sync()
+                t2 = time.perf_counter()
+                if r:
+                    fwd.append(t1 - t0)
+                    bwd.append(t2 - t1)
+            crossing = sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
+            params = sum(p.numel() for p in stage.parameters())
+            out_profiles.append(UnitProfile(name, min(fwd), min(bwd), crossing, params))
+            with torch.no_grad():
+                x = tuple(values) if isinstance(out, (tuple, list)) else (out,)
+    model.load_state_dict(state)
+    for p, g in grads.items():
+        p.grad = g
+    return out_profiles
+
+
+@dataclass
+class Link:
+    bandwidth: float = 25e9  # bytes/s between neighbouring devices
+    latency: float = 2e-5  # seconds per message
+
+    def time(self, nbytes: float) -> float:
+        return self.latency + nbytes / self.bandwidth
+
+
+DEFAULT_LINK = Link()
+
+
+def _modules(units: Sequence[UnitProfile], starts: Sequence[int]) -> list[tuple[float, float, int]]:
+    bounds = [0, *starts, len(units)]
+    return [
+        (
+            sum(u.forward_s for u in units[a:b]),
+            sum(u.backward_s for u in units[a:b]),
+            units[b - 1].output_bytes,
+        )
+        for a, b in itertools.pairwise(bounds)
+    ]
+
+
+def simulate(
+    units: Sequence[UnitProfile], starts: Sequence[int], link: Link = DEFAULT_LINK, microbatches: int = 4
+) -> dict[str, float]:
+    """Predicted seconds per training step on K = len(starts) + 1 devices, per schedule."""
+    mods = _modules(units, starts)
+    comm = [link.time(nbytes) for _, _, nbytes in mods[:-1]]
+    out = [*comm, 0.0]  # what each module sends on; the last sends nothing
+    m = microbatches
+    micro = [link.time(nbytes / m) for _, _, nbytes in mods[:-1]] + [0.0]
+    fill = [f / m + c for (f, _, _), c in zip(mods, micro)]
+    drain = [b / m + c for (_, b, _), c in zip(mods, micro)]
+    fr_work = [2 * f + b for f, b, _ in mods[:-1]] + [mods[-1][0] + mods[-1][1]]
+    return {
+        "one_device": sum(u.forward_s + u.backward_s for u in units),
+        "bp": sum(f + b for f, b, _ in mods) + 2 * sum(comm),
+        "gpipe": sum(fill) + (m - 1) * max(fill) + sum(drain) + (m - 1) * max(drain),
+        "ddg": max(f + b + c for (f, b, _), c in zip(mods, out)),
+        "fr": max(w + c for w, c in zip(fr_work, out)),
+    }
+
+
+def best_fr_cut(units: Sequence[UnitProfile], k: int, link: Link = DEFAULT_LINK) -> list[int]:
+    """Start indices of modules 2..K minimising the predicted FR step (exact DP over contiguous cuts)."""
+    n = len(units)
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot cut {n} units into {k} modules")
+    f = [0.0]
+    b = [0.0]
+    for u in units:
+        f.append(f[-1] + u.forward_s)
+        b.append(b[-1] + u.backward_s)
+
+    def cost(i: int, j: int, last: bool) -> float:  # units i..j-1 as one module
+        work = (f[j] - f[i]) * (1 if last else 2) + (b[j] - b[i])
+        return work + (0.0 if last else link.time(units[j - 1].output_bytes))
+
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(k + 1)]
+    arg = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for parts in range(1, k + 1):
+        for j in range(parts, n + 1):
+            if parts == k and j != n:
+                continue
+            for i in range(parts - 1, j):
+                c = max(best[parts - 1][i], cost(i, j, last=parts == k))
+                if c < best[parts][j]:
+                    best[parts][j], arg[parts][j] = c, i
+    starts, j = [], n
+    for parts in range(k, 1, -1):
+        j = arg[parts][j]
+        starts.append(j)
+    return starts[::-1]
+
+
+def recommend(
+    units: Sequence[UnitProfile], max_modules: int, link: Link = DEFAULT_LINK, microbatches: int = 4
+) -> list[dict[str, Any]]:
+    """For each K, the best FR cut and the predicted step time of every schedule at that cut."""
+    rows = []
+    for k in range(1, min(max_modules, len(units)) + 1):
+        starts = best_fr_cut(units, k, link)
+        times = simulate(units, starts, link, microbatches)
+        rows.append(
+            {
+                "K": k,
+                "split_points": [units[i].name for i in starts],
+                **{f"{name}_s": t for name, t in times.items()},
+                "fr_speedup": times["one_device"] / times["fr"],
+            }
+        )
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Predict multi-device step times and recommend K and split points.")
+    p.add_argument("--model", default="resnet110", help="a recipes model name (resnet20, ...) or torchvision:NAME")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--input-shape", type=int, nargs="+", default=[3, 32, 32])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-modules", type=int, default=8)
+    p.add_argument("--bandwidth", type=float, default=25e9, help="bytes/s between neighbouring devices")
+    p.add_argument("--latency", type=float, default=2e-5, help="seconds per message")
+    p.add_argument("--microbatches", type=int, default=4, help="GPipe micro-batches")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, help="write the profile and the table here")
+    args = p.parse_args(argv)
+    from recipes.models import build_model  # the CLI runs from the repository root
+
+    model = build_model(args.model, args.num_classes).to(args.device)
+    example = (torch.randn(args.batch_size, *args.input_shape, device=args.device),)
+    units = profile(model, example)
+    link = Link(args.bandwidth, args.latency)
+    rows = recommend(units, args.max_modules, link, args.microbatches)
+    print(f"{args.model}, batch {args.batch_size}, profiled on {args.device}; link {args.bandwidth:.3g} B/s, "
+          f"{args.latency:.1e} s; GPipe with {args.microbatches} micro-batches; seconds per step")  # fmt: skip
+    print("| K | FR split points | 1 device | BP | GPipe | DDG | FR | FR speed-up |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['K']} | {', '.join(r['split_points']) or '-'} | {r['one_device_s']:.4f} | {r['bp_s']:.4f} | "
+            f"{r['gpipe_s']:.4f} | {r['ddg_s']:.4f} | {r['fr_s']:.4f} | {r['fr_speedup']:.2f}x |"
+        )
+    best = min(rows, key=lambda r: r["fr_s"])
+    good = next(r for r in rows if r["fr_s"] <= 1.05 * best["fr_s"])
+    print(f"recommended: K={good['K']}, split_points={good['split_points']} (within 5% of the best predicted step)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"units": [asdict(u) for u in units], "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The planner: its formulas against arithmetic written out here, its cut against brute force, its profile."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+from conftest import mlp
+
+from replay_opt.plan import Link, UnitProfile, best_fr_cut, profile, recommend, simulate
+
+
+def units(spec):
+    return [UnitProfile(f"u{i}", f, b, nbytes, 0) for i, (f, b, nbytes) in enumerate(spec)]
+
+
+def test_simulate_formulas():
+    us = units([(1.0, 2.0, 100), (2.0, 4.0, 200), (1.0, 1.0, 300)])
+    link = Link(bandwidth=100.0, latency=0.5)  # a message of n bytes takes 0.5 + n / 100 s
+    t = simulate(us, [1], link, microbatches=2)  # modules: [u0], [u1, u2]
+    c = 0.5 + 100 / 100  # the boundary after u0
+    assert t["one_device"] == pytest.approx(11.0)
+    assert t["bp"] == pytest.approx(11.0 + 2 * c)
+    assert t["ddg"] == pytest.approx(max(1 + 2 + c, 3 + 5))
+    assert t["fr"] == pytest.approx(max(2 * 1 + 2 + c, 3 + 5))  # module 1 replays, the last does not
+    cm = 0.5 + 50 / 100  # a micro-batch's boundary message
+    fill = [1 / 2 + cm, 3 / 2]
+    drain = [2 / 2 + cm, 5 / 2]
+    assert t["gpipe"] == pytest.approx(sum(fill) + max(fill) + sum(drain) + max(drain))
+    single = simulate(us, [], link)
+    assert single["fr"] == single["bp"] == single["gpipe"] == pytest.approx(11.0)
+
+
+def test_best_fr_cut_is_optimal():
+    rng = random.Random(0)
+    link = Link(bandwidth=1e3, latency=0.01)
+    for _ in range(30):
+        n, k = rng.randint(2, 7), rng.randint(1, 3)
+        if k > n:
+            continue
+        us = units([(rng.random(), rng.random(), rng.randint(0, 1000)) for _ in range(n)])
+
+        def fr_step(starts):
+            return simulate(us, list(starts), link)["fr"]
+
+        brute = min(fr_step(c) for c in itertools.combinations(range(1, n), k - 1))
+        assert fr_step(best_fr_cut(us, k, link)) == pytest.approx(brute)
+
+
+def test_profile_measures_every_unit_and_leaves_the_model_alone():
+    model = mlp(depth=4, width=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prof = profile(model, (torch.randn(64, 8),), repeats=1)
+    assert [u.name for u in prof] == [str(i) for i in range(len(model))]
+    assert all(u.forward_s > 0 and u.backward_s > 0 for u in prof)
+    assert prof[0].output_bytes == 64 * 32 * 4 and prof[-1].output_bytes == 64 * 4 * 4
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    rows = recommend(prof, max_modules=3)
+    assert [r["K"] for r in rows] == [1, 2, 3] and rows[0]["fr_speedup"] == pytest.approx(1.0)
+    assert all(len(r["split_points"]) == r["K"] - 1 for r in rows)
