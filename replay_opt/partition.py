@@ -17,7 +17,7 @@ forward+backward time.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,25 +143,32 @@ def choose_split_points(
 
 def balanced_starts(weights: Sequence[float], parts: int) -> list[int]:
     """Indices at which parts 2..K begin, minimising the heaviest contiguous part (exact DP)."""
-    n = len(weights)
     prefix = [0.0]
     for w in weights:
         prefix.append(prefix[-1] + w)
+    return min_max_cut(len(weights), parts, lambda i, j, last: prefix[j] - prefix[i])
+
+
+def min_max_cut(n: int, parts: int, cost: Callable[[int, int, bool], float]) -> list[int]:
+    """Start indices of parts 2..K of items 0..n-1 minimising the largest ``cost(i, j, last)`` of a
+    part made of items i..j-1 (``last``: it is the final part).  Exact dynamic programming."""
     inf = float("inf")
-    # best[j][i]: smallest possible heaviest part when the first i units form j parts.
+    # best[p][j]: smallest possible largest cost when the first j items form p parts.
     best = [[inf] * (n + 1) for _ in range(parts + 1)]
     cut = [[0] * (n + 1) for _ in range(parts + 1)]
     best[0][0] = 0.0
-    for j in range(1, parts + 1):
-        for i in range(j, n + 1):
-            for m in range(j - 1, i):
-                cost = max(best[j - 1][m], prefix[i] - prefix[m])
-                if cost < best[j][i]:
-                    best[j][i], cut[j][i] = cost, m
-    starts, i = [], n
-    for j in range(parts, 1, -1):
-        i = cut[j][i]
-        starts.append(i)
+    for p in range(1, parts + 1):
+        for j in range(p, n + 1):
+            if p == parts and j != n:
+                continue
+            for i in range(p - 1, j):
+                c = max(best[p - 1][i], cost(i, j, p == parts))
+                if c < best[p][j]:
+                    best[p][j], cut[p][j] = c, i
+    starts, j = [], n
+    for p in range(parts, 1, -1):
+        j = cut[p][j]
+        starts.append(j)
     return starts[::-1]
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .partition import _build_stages, candidate_units
+from .partition import _build_stages, candidate_units, min_max_cut
 
 
 @dataclass
@@ -149,23 +149,7 @@ def best_fr_cut(units: Sequence[UnitProfile], k: int, link: Link = DEFAULT_LINK)
         work = (f[j] - f[i]) * (1 if last else 2) + (b[j] - b[i])
         return work + (0.0 if last else link.time(units[j - 1].output_bytes))
 
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(k + 1)]
-    arg = [[0] * (n + 1) for _ in range(k + 1)]
-    best[0][0] = 0.0
-    for parts in range(1, k + 1):
-        for j in range(parts, n + 1):
-            if parts == k and j != n:
-                continue
-            for i in range(parts - 1, j):
-                c = max(best[parts - 1][i], cost(i, j, last=parts == k))
-                if c < best[parts][j]:
-                    best[parts][j], arg[parts][j] = c, i
-    starts, j = [], n
-    for parts in range(k, 1, -1):
-        j = arg[parts][j]
-        starts.append(j)
-    return starts[::-1]
+    return min_max_cut(n, k, cost)
 
 
 def recommend(
