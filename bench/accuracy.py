@@ -62,6 +62,20 @@ def train(data, augment: Augment, args, method: str, k: int, seed: int) -> dict:
     }  # fmt: skip
 
 
+def train_all(args: argparse.Namespace) -> list[dict]:
+    data = load_image_data(args.dataset)
+    augment = Augment(data.mean, data.std)
+    runs = []
+    for k in args.modules:
+        for method in args.methods:
+            for seed in args.seeds:
+                runs.append(train(data, augment, args, method, k, seed))
+                r = runs[-1]
+                print(f"{method} K={k} seed={seed}: final error {r['final_error']:.2f}%, best {r['best_error']:.2f}%, "
+                      f"epochs to {args.target:.0%}: {r['epochs_to_target']}", flush=True)  # fmt: skip
+    return runs
+
+
 def mean_std(values: list[float]) -> str:
     if not values:
         return "not reached"
@@ -83,18 +97,17 @@ def main() -> None:
     p.add_argument("--milestones", type=int, nargs="*", default=[5, 7])
     p.add_argument("--target", type=float, default=0.9, help="test accuracy for time-to-accuracy")
     p.add_argument("--out", type=Path, default=Path("bench/results/accuracy"))
+    p.add_argument("--from-json", type=Path, default=None, help="re-tabulate saved runs (e.g. for another --target)")
     args = p.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    data = load_image_data(args.dataset)
-    augment = Augment(data.mean, data.std)
-    runs = []
-    for k in args.modules:
-        for method in args.methods:
-            for seed in args.seeds:
-                runs.append(train(data, augment, args, method, k, seed))
-                r = runs[-1]
-                print(f"{method} K={k} seed={seed}: final error {r['final_error']:.2f}%, best {r['best_error']:.2f}%, "
-                      f"epochs to {args.target:.0%}: {r['epochs_to_target']}", flush=True)  # fmt: skip
+    if args.from_json is not None:
+        runs = json.loads(args.from_json.read_text())["runs"]
+        for r in runs:  # time to the (possibly new) target, from the saved curves
+            reached = next((c for c in r["curve"] if c["test_acc"] >= args.target), None)
+            r["epochs_to_target"] = reached["epoch"] if reached else None
+            r["seconds_to_target"] = reached["train_s"] if reached else None
+    else:
+        runs = train_all(args)
     lines = [
         f"{args.model} on {args.dataset}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, seeds "
         f"{args.seeds}; mean ± std over seeds; time = training seconds on this machine (one process)",
@@ -119,7 +132,9 @@ def main() -> None:
     print(table)
     args.out.with_suffix(".md").write_text(table + "\n")
     args.out.with_suffix(".json").write_text(
-        json.dumps({"args": {k: v for k, v in vars(args).items() if k != "out"}, "runs": runs}, indent=2)
+        json.dumps(
+            {"args": {k: v for k, v in vars(args).items() if k not in ("out", "from_json")}, "runs": runs}, indent=2
+        )
     )
     plot(runs, args, args.out.with_suffix(".png"))
 

@@ -3,7 +3,8 @@
     python -m bench.step --models resnet20 resnet56 resnet110 --modules 1 2 4 --batch-size 128
 
 Every configuration trains on random 32x32 inputs in this process, on one device (`--device`),
-for `--warmup` + `--steps` steps; the step time is the median of the measured steps.  Memory is
+for `--warmup` + `--steps` steps, in `--rounds` interleaved rounds; the step time is the median
+of all measured steps.  Memory is
 what the library's accounting says each module holds for backward on the last step, plus
 `torch.cuda.max_memory_allocated` per device on a GPU.  On one device the K modules cannot run
 concurrently, so this measures each method's *work* (FR's replay forward, DDG's graphs, DNI's
@@ -37,26 +38,32 @@ def measure(model_name: str, method: str, k: int, batch: int, steps: int, warmup
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(warmup + steps):
-        wrapper.track_memory = step == warmup + steps - 1
-        sync()
-        start = time.perf_counter()
+
+    def step() -> None:
         F.cross_entropy(wrapper(x), y).backward()
         opt.step()
         opt.zero_grad()
+
+    times = []
+    for i in range(warmup + steps):
         sync()
-        if step >= warmup:
+        start = time.perf_counter()
+        step()
+        sync()
+        if i >= warmup:
             times.append(time.perf_counter() - start)
+    # Memory on K untimed steps with accounting on (so graphs kept across steps are counted too).
+    wrapper.track_memory = True
+    for _ in range(k):
+        step()
     held = wrapper.memory_report()
-    step_time = statistics.median(times)
+    assert held["complete"]
     return {
         "model": model_name,
         "method": method,
         "K": k,
         "device": device,
-        "step_s": step_time,
-        "samples_per_s": batch / step_time,
+        "step_times_s": times,
         "held_mib": held["total"] / 2**20,
         "held_mib_per_module": [m["total"] / 2**20 for m in held["modules"]],
         "cuda_max_allocated_mib": {d: b / 2**20 for d, b in held["cuda_max_memory_allocated"].items()},
@@ -71,6 +78,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("bench/results/step"))
     args = p.parse_args()
@@ -80,17 +88,26 @@ def main() -> None:
     )
     rows = []
     for model_name in args.models:
-        for k in args.modules:
-            for method in args.methods:
-                rows.append(measure(model_name, method, k, args.batch_size, args.steps, args.warmup, args.device))
-                print(json.dumps(rows[-1]), flush=True)
+        measure(model_name, "bp", 1, args.batch_size, 1, 1, args.device)  # warm the allocator and kernels up
+        by_config: dict[tuple[int, str], list[dict]] = {}
+        for _ in range(args.rounds):  # interleaved, so drift hits every configuration alike
+            for k in args.modules:
+                for method in args.methods:
+                    r = measure(model_name, method, k, args.batch_size, args.steps, args.warmup, args.device)
+                    by_config.setdefault((k, method), []).append(r)
+        for runs in by_config.values():
+            row = runs[-1]
+            row["step_s"] = statistics.median(t for r in runs for t in r["step_times_s"])
+            row["samples_per_s"] = args.batch_size / row["step_s"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     for row in rows:
         bp = next(r for r in rows if r["model"] == row["model"] and r["K"] == 1 and r["method"] == "bp")
         row["time_ratio_to_bp"] = row["step_s"] / bp["step_s"]
         row["memory_ratio_to_bp"] = row["held_mib"] / bp["held_mib"]
     lines = [
-        f"device: {device_name}; batch {args.batch_size}; median of {args.steps} steps after {args.warmup} warm-up; "
-        "ratios to BP with K=1 on the same model",
+        f"device: {device_name}; batch {args.batch_size}; median of {args.rounds} interleaved rounds x {args.steps} "
+        f"steps (each after {args.warmup} warm-up steps); ratios to BP with K=1 on the same model",
         "",
         "| model | K | method | step (s) | samples/s | step time / BP | held for backward (MiB) | memory / BP "
         "| per module (MiB) |",

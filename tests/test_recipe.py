@@ -40,12 +40,16 @@ def final_state(output_dir: Path) -> dict[str, torch.Tensor]:
 def test_digits_learns_logs_to_wandb_offline_and_checkpoints(tmp_path):
     out = tmp_path / "run"
     r = launch("--dataset", "digits", *SMALL, "--modules", "2", "--epochs", "3", "--max-steps", "40",
-               "--output-dir", str(out), "--report-to", "wandb", env={"HOME": str(tmp_path)})  # fmt: skip
+               "--diagnostics-every", "10", "--output-dir", str(out), "--report-to", "wandb",
+               env={"HOME": str(tmp_path)})  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     losses = [loss for _, loss in results["train_loss_log"]]
     assert len(losses) == 10 and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
     assert results["steps"] == 40 and results["method"] == "fr" and results["modules"] == 2
+    assert [d["step"] for d in results["diagnostics"]] == [0, 10, 20, 30]
+    assert results["diagnostics"][0]["sigma"][0] == 0.0  # module 1 has no gradient at step 0
+    assert results["diagnostics"][-1]["sigma"][1] == pytest.approx(1.0, abs=1e-4)  # the last module: true gradient
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "a W&B offline run directory"
     assert "wandb sync" in r.stdout + r.stderr
