@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import Sequence
@@ -278,8 +279,6 @@ class ReplayModelWrapper(nn.Module):
         return self._pipeline.stage
 
     def _autocast(self) -> Any:
-        import contextlib
-
         try:
             from accelerate.state import AcceleratorState
         except ImportError:  # pragma: no cover
