@@ -19,10 +19,11 @@ the request, with a timeout, and a peer that died or stopped answering raises a
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,16 +124,19 @@ class Transport:
         """Post ``values`` (tensors and plain Python values) to ``to_stage`` of this replica; do not wait."""
         peer = self.layout.rank_of(to_stage)
         header, tensors = encode(values, batch)
-        self._in_flight.append((dist.isend(header, peer, group=self.meta, tag=tag), header))
-        for t in tensors:
-            t = t.detach().contiguous()
-            self._in_flight.append((dist.isend(t, peer, tag=tag), t))
+        with self._guard("sending to", peer):
+            self._in_flight.append((dist.isend(header, peer, group=self.meta, tag=tag), header))
+            for t in tensors:
+                t = t.detach().contiguous()
+                self._in_flight.append((dist.isend(t, peer, tag=tag), t))
 
     def recv(self, from_stage: int, tag: int, what: str, batch: int | None = None) -> tuple[Any, ...]:
         """Wait (bounded) for the next message from ``from_stage`` of this replica."""
         peer = self.layout.rank_of(from_stage)
         header = torch.empty(HEADER_WORDS, dtype=torch.int64)
-        self._wait(dist.irecv(header, peer, group=self.meta, tag=tag), peer, what)
+        with self._guard(f"receiving {what}", peer):
+            request = dist.irecv(header, peer, group=self.meta, tag=tag)
+        self._wait(request, peer, what)
         values, sent_batch = decode(header, self.device)
         if batch is not None and sent_batch != batch:
             raise PipelineError(
@@ -142,7 +146,9 @@ class Transport:
             )
         for t in values:
             if isinstance(t, torch.Tensor):
-                self._wait(dist.irecv(t, peer, tag=tag), peer, what)
+                with self._guard(f"receiving {what}", peer):
+                    request = dist.irecv(t, peer, tag=tag)
+                self._wait(request, peer, what)
         return values
 
     def prune(self) -> None:
@@ -156,14 +162,22 @@ class Transport:
         self._in_flight.clear()
 
     def _wait(self, work: Any, peer: int | None, what: str) -> None:
-        try:
+        with self._guard(f"waiting for {what}", peer):
             work.wait(self.timeout)
+
+    @contextlib.contextmanager
+    def _guard(self, doing: str, peer: int | None = None) -> Iterator[None]:
+        """Turn a failed or timed-out communication into a PipelineError that says who and what."""
+        try:
+            yield
         except RuntimeError as exc:
-            who = "a neighbour" if peer is None else f"rank {peer}"
+            if isinstance(exc, PipelineError):
+                raise
+            who = "the other ranks" if peer is None else f"rank {peer}"
             raise PipelineError(
-                f"rank {self.layout.rank} (module {self.layout.stage + 1}) gave up waiting for {what} from {who} "
-                f"after at most {self.timeout.total_seconds():.0f} s: that process has probably failed or stopped "
-                f"-- see its log. ({exc})"
+                f"rank {self.layout.rank} (module {self.layout.stage + 1}) failed {doing} with {who} (bounded by "
+                f"{self.timeout.total_seconds():.0f} s): a process has probably failed or stopped -- see its log. "
+                f"({exc})"
             ) from exc
 
     # ----------------------------------------------------------------------- collectives
@@ -176,7 +190,8 @@ class Transport:
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.stage_group)
+        with self._guard("averaging gradients over replicas"):
+            dist.all_reduce(flat, group=self.stage_group)
         flat /= self.layout.replicas
         offset = 0
         for g in grads:
@@ -188,19 +203,17 @@ class Transport:
         if self.stage_group is None:
             return
         src = self.layout.rank_of(self.layout.stage, replica=0)
-        for b in buffers:
-            dist.broadcast(b, src=src, group=self.stage_group)
+        with self._guard("broadcasting buffers over replicas"):
+            for b in buffers:
+                dist.broadcast(b, src=src, group=self.stage_group)
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (CPU, picklable), on every rank; collective, bounded by the timeout."""
         out: list[Any] = [None] * self.layout.world_size
-        try:
+        with self._guard(
+            "collecting a state dict (state_dict() of a pipeline-parallel model is collective: call it on every rank)"
+        ):
             dist.all_gather_object(out, obj, group=self.meta)
-        except RuntimeError as exc:
-            raise PipelineError(
-                f"rank {self.layout.rank}: collecting a state dict from every rank failed; state_dict() of a "
-                f"pipeline-parallel model is collective, call it on every rank ({exc})"
-            ) from exc
         return out
 
     def sum_over_last_modules(self, value: torch.Tensor) -> torch.Tensor:
@@ -208,13 +221,15 @@ class Transport:
         last = self.layout.stage == self.layout.num_modules - 1
         out = value.detach().to(torch.float64).clone() if last else torch.zeros((), dtype=torch.float64)
         out = out.cpu()
-        dist.all_reduce(out, group=self.meta)
+        with self._guard("summing a metric over the last modules"):
+            dist.all_reduce(out, group=self.meta)
         return out.to(value.dtype if value.is_floating_point() else torch.float64)
 
     def broadcast_from_last(self, obj: Any) -> Any:
         """``obj`` of replica 0's last module, on every rank (every rank must call this together)."""
         box = [obj]
-        dist.broadcast_object_list(box, src=self.layout.rank_of(self.layout.num_modules - 1, 0), group=self.meta)
+        with self._guard("sharing the output's shape"):
+            dist.broadcast_object_list(box, src=self.layout.rank_of(self.layout.num_modules - 1, 0), group=self.meta)
         return box[0]
 
 
