@@ -25,7 +25,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .batchnorm import frozen_running_stats
-from .history import to_device
+from .history import detached, to_device
 from .partition import Stage
 
 
@@ -64,8 +64,7 @@ class SufficientDirection:
         """Call at the start of a diagnostic step's training forward."""
         devices = {s.device for s in stages if s.device.type != "cpu"}
         device_rng = {d: torch.get_device_module(d.type).get_rng_state(d) for d in devices}
-        detached = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in inputs)
-        self._capture = _Capture(detached, torch.get_rng_state(), device_rng)
+        self._capture = _Capture(detached(inputs), torch.get_rng_state(), device_rng)
 
     def wrap_output(self, output: Any) -> Any:
         """Route the output through identities that record the gradient the loss sends into it."""

@@ -108,6 +108,11 @@ class History:
         )
 
 
+def detached(values: Any) -> tuple[Any, ...]:
+    """``values`` as a tuple, its tensors cut from any autograd graph (storage shared)."""
+    return tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in values)
+
+
 def to_device(values: tuple[Any, ...], device: torch.device) -> tuple[Any, ...]:
     """Move the tensors among ``values`` to ``device`` without blocking the host."""
     return tuple(

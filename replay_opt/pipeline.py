@@ -32,10 +32,10 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .distributed import TAG_ACTIVATION, TAG_EVAL, TAG_GRADIENT, Layout, Transport
-from .history import to_device
+from .history import detached, to_device
 from .join import StaleGradients, join
 from .methods.base import Method
-from .methods.stale import StaleGradientMethod
+from .methods.stale import StaleGradientMethod, grads_of
 from .partition import Stage
 
 
@@ -97,7 +97,7 @@ class Pipeline:
         s = self.layout.stage
         if self._sends_down:
             leaves = self.method._leaves[s]
-            grads = () if leaves is None else tuple(v.grad if isinstance(v, torch.Tensor) else None for v in leaves)
+            grads = () if leaves is None else grads_of(leaves)
             self.transport.send(grads, s - 1, TAG_GRADIENT, self._batch)
             self._sends_down = False
         params = self.stage.parameters()
@@ -122,7 +122,7 @@ class Pipeline:
     def _receive_input(self, inputs: tuple[Any, ...], tag: int, batch: int) -> tuple[Any, ...]:
         s = self.layout.stage
         if s == 0:
-            return to_device(tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in inputs), self.device)
+            return to_device(detached(inputs), self.device)
         return self.transport.recv(s - 1, tag, "activations", batch)
 
     def _learn_output_spec(self, out: Any) -> None:
@@ -171,7 +171,7 @@ class Pipeline:
         return merged
 
     def optimizer_state_dict(self, inner: dict[str, Any], local: set[int], replay: dict[str, Any]) -> dict[str, Any]:
-        self.before_state_dict()
+        """Collect every rank's part; ``replay`` must be taken after ``before_state_dict()``."""
         own = {i: _to_cpu(st) for i, st in inner["state"].items() if i in local} if self.layout.replica == 0 else {}
         mine = {"rank_state": _to_cpu(replay), "ticks": self.ticks}
         parts = self.transport.gather_objects((own, mine))

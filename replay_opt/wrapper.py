@@ -279,11 +279,8 @@ class ReplayModelWrapper(nn.Module):
         return self._pipeline.stage
 
     def _autocast(self) -> Any:
-        try:
-            from accelerate.state import AcceleratorState
-        except ImportError:  # pragma: no cover
-            return contextlib.nullcontext()
-        mode = AcceleratorState().mixed_precision if AcceleratorState._shared_state else "no"
+        # accelerator.prepare leaves a pipeline-parallel model unwrapped, autocast included.
+        mode = _accelerate_precision()
         if mode == "fp16":
             raise RuntimeError(
                 "fp16 loss scaling is not supported with one process per module (each rank would skip "
@@ -328,13 +325,10 @@ class ReplayModelWrapper(nn.Module):
                 stage.device = device
 
     def _check_grad_scaler(self) -> None:
-        if self._method.grad_scaler is not None:
+        # With one process per module fp16 is refused outright (see _autocast), not scaled.
+        if self._method.grad_scaler is not None or self._pipeline is not None:
             return
-        try:
-            from accelerate.state import AcceleratorState
-        except ImportError:  # pragma: no cover - accelerate is a dependency
-            return
-        if AcceleratorState._shared_state and AcceleratorState().mixed_precision == "fp16":
+        if _accelerate_precision() == "fp16":
             raise RuntimeError(
                 "fp16 training scales the loss, and stale gradients must follow the scale: pass "
                 "`ReplayOptimizer(optimizer, model, grad_scaler=accelerator.scaler)`"
@@ -366,6 +360,13 @@ class ReplayModelWrapper(nn.Module):
     def load_replay_state_dict(self, state: dict[str, Any]) -> None:
         self._sync_devices()
         self._method.load_state_dict(state)
+
+
+def _accelerate_precision() -> str:
+    """Accelerate's mixed-precision mode; "no" while no Accelerator exists."""
+    from accelerate.state import AcceleratorState
+
+    return AcceleratorState().mixed_precision if AcceleratorState._shared_state else "no"
 
 
 def _resolve_devices(devices: Sequence[DeviceLike] | None, k: int) -> list[torch.device] | None:

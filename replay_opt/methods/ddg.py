@@ -29,7 +29,7 @@ import torch
 from torch.func import functional_call
 
 from ..batchnorm import frozen_running_stats
-from ..history import RngState, to_device
+from ..history import RngState, detached, to_device
 from ..memory import Storages
 from ..partition import Stage
 from .base import as_leaves
@@ -65,7 +65,7 @@ class DelayedGradients(StaleGradientMethod):
             kept.outputs = functional_call(stage.train, copies, inputs)
         graphs = self.graphs[i]
         graphs.append(kept)
-        nxt = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in kept.outputs)
+        nxt = detached(kept.outputs)
         if len(graphs) < self._capacity[i]:
             return nxt, None
         oldest = graphs.popleft()
@@ -96,7 +96,7 @@ class DelayedGradients(StaleGradientMethod):
         state["graphs"] = [
             [
                 {
-                    "inputs": tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in g.inputs),
+                    "inputs": detached(g.inputs),
                     "rng": g.rng.state_dict(),
                     "weights": g.weights,
                 }

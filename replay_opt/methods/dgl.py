@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..auxiliary import Auxiliary
-from ..history import to_device
+from ..history import detached, to_device
 from ..partition import Stage
 from .base import Method
 
@@ -68,13 +68,13 @@ class GreedyLocal(Method):
 
     def forward(self, inputs: tuple[Any, ...]) -> Any:
         features = []
-        x = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in inputs)
+        x = detached(inputs)
         for i, stage in enumerate(self.stages[:-1]):
             x = to_device(x, stage.device)
             with self.meter.stage(i):
                 out = stage.train(*x)  # the input is detached: no gradient goes down
             features.append(next(v for v in out if isinstance(v, torch.Tensor) and v.requires_grad))
-            x = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in out)
+            x = detached(out)
         last = self.stages[-1]
         with self.meter.stage(len(self.stages) - 1):
             logits = last.train(*to_device(x, last.device))

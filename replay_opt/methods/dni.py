@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..auxiliary import Auxiliary
-from ..history import to_device
+from ..history import detached, to_device
 from ..join import StaleGradients, join
 from ..partition import Stage
 from .base import Method, as_leaves
@@ -70,7 +70,7 @@ class SyntheticGradients(Method):
         self._leaves, self._predictions = [None] * k, [[] for _ in range(k - 1)]
         outputs: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
-        x = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in inputs)
+        x = detached(inputs)
         for i, stage in enumerate(self.stages[:-1]):
             x = to_device(x, stage.device)
             leaves = as_leaves(x) if i > 0 else x
@@ -89,7 +89,7 @@ class SyntheticGradients(Method):
                         outputs.append(value)
                         grads.append(grad)
                         self.meter.add(i, "stale_gradients", [grad])
-            x = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in out)
+            x = detached(out)
         last = self.stages[-1]
         x = to_device(x, last.device)
         if k > 1:

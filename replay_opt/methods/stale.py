@@ -15,13 +15,18 @@ from typing import Any
 
 import torch
 
-from ..history import to_device
+from ..history import detached, to_device
 from ..join import StaleGradients, join
 from ..partition import Stage
 from .base import Method, as_leaves
 
 Grads = tuple[torch.Tensor | None, ...]
 Values = tuple[Any, ...]
+
+
+def grads_of(leaves: Values) -> Grads:
+    """The gradients accumulated into these input leaves (what a module sends down)."""
+    return tuple(v.grad if isinstance(v, torch.Tensor) else None for v in leaves)
 
 
 class StaleGradientMethod(Method):
@@ -112,7 +117,7 @@ class StaleGradientMethod(Method):
         self._check_backward_ran(stale)
         outputs: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
-        x = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in inputs)
+        x = detached(inputs)
         for i, stage in enumerate(self.stages[:-1]):
             x = self.step_module(i, to_device(x, stage.device), stale[i], outputs, grads, ratio)
         out = self.run_last(to_device(x, self.stages[-1].device))
@@ -153,10 +158,7 @@ class StaleGradientMethod(Method):
             return self._restored
         if self._discarded_last_step():
             return [None] * (len(self.stages) - 1)
-        return [
-            None if leaves is None else tuple(v.grad if isinstance(v, torch.Tensor) else None for v in leaves)
-            for leaves in self._leaves[1:]
-        ]
+        return [None if leaves is None else grads_of(leaves) for leaves in self._leaves[1:]]
 
     def _check_backward_ran(self, stale: list[Grads | None]) -> None:
         for i, grads in enumerate(stale):
