@@ -7,6 +7,10 @@ mode does) but must not count the batch a second time.  With
 ``track_running_stats`` switched off for the duration of the replay, PyTorch's
 BatchNorm does exactly that: batch statistics, no update, no
 ``num_batches_tracked`` increment.  (The authors' code updates them twice.)
+
+A graph captured by torch.export calls the BatchNorm operator itself, updates included;
+its stage modules provide ``frozen_running_stats()``, which runs a variant of the graph
+whose updates go to copies (``split.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ def frozen_running_stats(module: nn.Module) -> Iterator[None]:
     for m in frozen:
         m.track_running_stats = False
     try:
-        yield
+        with contextlib.ExitStack() as stack:
+            for m in module.modules():
+                if hasattr(m, "frozen_running_stats"):
+                    stack.enter_context(m.frozen_running_stats())
+            yield
     finally:
         for m in frozen:
             m.track_running_stats = True

@@ -59,10 +59,12 @@ class RngState:
 
 @dataclass
 class Entry:
-    """One stored module input: the values the module was called with, and the RNG state."""
+    """One stored module input: the values the module was called with, the RNG state, and the
+    program (captured call signature) it ran under -- None: whichever is current."""
 
     inputs: tuple[Any, ...]
     rng: RngState
+    program: Any = None
 
 
 class History:

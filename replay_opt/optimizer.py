@@ -93,22 +93,29 @@ class ReplayOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._method.on_zero_grad()
+        if self.model._pipeline is not None:
+            self.model._pipeline.on_step()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        pipeline = self.model._pipeline
+        tied_live = pipeline.reduce_gradients() if pipeline is not None else set()
         self._method.before_step()
         if self.model._sufficient_direction is not None:
             scale = getattr(self.grad_scaler, "_scale", None)
             self.model._sufficient_direction.measure(self._method.steps, self._method.stages, scale)
         # Modules still waiting for their first (input, gradient) pair must not
         # move at all: hide their gradients so the optimizer skips them.
+        # A parameter shared by several modules (tied weights) moves when any of them has started.
+        live = {id(p) for stage, updated in zip(self._method.stages, self._method.updated_stages()) if updated
+                for p in stage.parameters()} | tied_live  # fmt: skip
         hidden = []
-        for stage, updated in zip(self._method.stages, self._method.updated_stages()):
-            if not updated:
-                for p in stage.parameters():
+        for stage in self._method.stages:
+            for p in stage.parameters():
+                if id(p) not in live and p.grad is not None:
                     hidden.append((p, p.grad))
                     p.grad = None
         try:
@@ -117,6 +124,8 @@ class ReplayOptimizer(torch.optim.Optimizer):
             for p, grad in hidden:
                 p.grad = grad
         self._method.on_step()
+        if pipeline is not None:
+            pipeline.on_step()
         return loss
 
     def state_dict(self) -> dict[str, Any]:
@@ -126,23 +135,28 @@ class ReplayOptimizer(torch.optim.Optimizer):
             state = self.optimizer.state_dict()
             state["replay"] = self.model.replay_state_dict()
             return state
-        pipeline.before_state_dict()
         return pipeline.optimizer_state_dict(
-            self.optimizer.state_dict(), self._local_indices(), self.model.replay_state_dict()
+            self.optimizer.state_dict(), self._local_indices(), self.model.replay_state_dict
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         replay = state_dict.pop("replay", None)
         pipeline = self.model._pipeline
-        if pipeline is not None:
-            local = self._local_indices()
-            state_dict["state"] = {i: st for i, st in state_dict["state"].items() if int(i) in local}
-            if replay is not None:
-                replay = pipeline.load_replay(replay)
+        if pipeline is not None and replay is not None:
+            replay = pipeline.load_replay(replay)
         self.optimizer.load_state_dict(state_dict)
+        self._drop_foreign_state()
         if replay is not None:
             self.model.load_replay_state_dict(replay)
+
+    def _drop_foreign_state(self) -> None:
+        """With one process per module: keep optimizer state only for this rank's parameters (once they are known)."""
+        if self.model._pipeline is None or not self.model._partition.captured:
+            return
+        own = {id(p) for p in self.model._local_stage.parameters()}
+        for p in [p for p in self.optimizer.state if id(p) not in own]:
+            del self.optimizer.state[p]
 
     def _local_indices(self) -> set[int]:
         """Positions (as in ``state_dict()["state"]``) of the parameters this rank's module trains."""

@@ -1,313 +1,317 @@
-"""Cut a model into K sequential stages: split points, graph capture, balancing.
+"""The K stages of a wrapped model, and the captured programs they run.
 
-An ``nn.Sequential`` is cut between its children.  Any other model is captured
-with ``torch.fx`` and its graph is cut at the first call of each split-point
-submodule.  Every value that is alive across a cut -- the activation, but also a
-residual that skips over it, or a shape computed early and used late -- becomes
-an output of the stage before the cut and an input of the stage after it, so
-nothing is silently dropped.
+``Partition`` owns what the wrapper needs to run a model as K modules:
 
-Without split points the model is divided into *units* (its children, with
-``nn.Sequential``/``nn.ModuleList`` containers opened up, so a ResNet's units
-are its stem layers and residual blocks) and K contiguous runs of units are
-chosen to minimise the largest stage, weighed by parameter count or by measured
-forward+backward time.
+* its *units* (``units.py``) and *split points* -- given, or chosen by the balancer;
+* one ``Stage`` per module: an index, a device, and ``stage.train``, the module the training
+  methods call (a dispatcher to the program in use);
+* *programs*: the K stage modules of one captured call signature (``capture.py``, ``split.py``).
+  An ``nn.Sequential`` or K=1 has a single program that needs no capture (K=1 runs the
+  model's own ``forward``).  Any other model is captured at construction when torch.fx can
+  trace its default call (or ``example_inputs`` are given), otherwise at its first forward;
+  a call with another signature (``labels=`` present or not, eval mode) gets a program of its
+  own, kept in a small LRU cache.
+
+``select(args, kwargs, training)`` picks (or captures) the program for a call, makes it the
+current one and returns the values to feed module 1.
 """
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Callable, Sequence
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
+
+from .capture import TRACERS, Call, CaptureError, Graph, capture, example_call, signature_of
+from .split import StageModule, is_sequential_split, order_of, split_graph, split_sequential
+from .units import candidate_units, check_names
+
+logger = logging.getLogger(__name__)
 
 Balance = str | Sequence[int]
+CACHE_SIZE = 8
+
+
+@dataclass
+class Program:
+    """The K stage modules for one call signature (``key`` None: the model's only program)."""
+
+    key: Hashable
+    stages: list[StageModule]
+    graph: Graph | None = None
+    name: str = "default"
+
+    def fits(self, call: Call) -> bool:
+        return self.graph is None or self.graph.fits(call)
+
+
+class WholeCall:
+    """The unchanged ``(args, kwargs)`` of a call, for K=1: module 1 is the model itself."""
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.args, self.kwargs = args, kwargs
+
+
+class _Whole(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, call: WholeCall) -> Any:
+        return self.model(*call.args, **call.kwargs)
+
+
+class StageDispatch(nn.Module):
+    """``stage.train``: runs this index's module of the current program.
+
+    Every program's module for this index is registered here (they share the model's
+    layers), so ``parameters()``, ``buffers()``, ``.to()`` and ``modules()`` see them all.
+    """
+
+    def __init__(self, index: int, partition: Partition) -> None:
+        super().__init__()
+        self.index = index
+        self.programs = nn.ModuleList()
+        object.__setattr__(self, "_partition", partition)
+
+    def forward(self, *inputs: Any) -> Any:
+        return self._partition.current_program().stages[self.index](*inputs)
 
 
 @dataclass
 class Stage:
-    """One module of the pipeline: what runs in train mode, in eval mode, and where."""
+    """One module of the pipeline: the dispatcher the methods call, and its device."""
 
     index: int
-    train: nn.Module
-    eval: nn.Module
+    train: StageDispatch
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.train.parameters())
 
-    def forward(self, training: bool, *inputs: Any) -> Any:
-        return (self.train if training else self.eval)(*inputs)
+    def forward(self, training: bool, *inputs: Any) -> Any:  # the program in use was selected with the mode
+        return self.train(*inputs)
+
+    @property
+    def program(self) -> Program | None:
+        return self.train._partition.current
+
+    def using(self, program: Program | None) -> contextlib.AbstractContextManager[None]:
+        return self.train._partition.using(program)
 
 
-@dataclass
 class Partition:
-    stages: list[Stage]
-    split_points: list[str]
-    units: list[str]
-
-
-def partition(
-    model: nn.Module,
-    *,
-    num_modules: int | None,
-    split_points: Sequence[str] | None,
-    balance: Balance = "params",
-    example_inputs: tuple[Any, ...] | None = None,
-) -> Partition:
-    """Cut ``model`` into stages; see ``ReplayModelWrapper`` for the meaning of the arguments."""
-    if split_points is not None:
-        split_points = list(split_points)
-        if num_modules is not None and num_modules != len(split_points) + 1:
-            raise ValueError(
-                f"num_modules={num_modules} disagrees with {len(split_points)} split points "
-                f"(K modules need K-1 split points); drop num_modules or pass {num_modules - 1} split points"
-            )
-        num_modules = len(split_points) + 1
-    if num_modules is None:
-        raise ValueError("pass num_modules=K (the model is then balanced automatically) or split_points=[...]")
-    if not isinstance(num_modules, int) or num_modules < 1:
-        raise ValueError(f"num_modules must be a positive integer, got {num_modules!r}")
-
-    units = candidate_units(model)
-    if split_points is None:
-        if num_modules > len(units):
-            raise ValueError(
-                f"num_modules={num_modules} but the model has only {len(units)} splittable units "
-                f"({', '.join(units)}); use num_modules <= {len(units)} or pass split_points inside these units"
-            )
-        split_points = choose_split_points(model, units, num_modules, balance, example_inputs)
-    else:
-        _check_names(model, split_points)
-    stages = _build_stages(model, split_points, units)
-    return Partition(stages, list(split_points), units)
-
-
-def candidate_units(model: nn.Module) -> list[str]:
-    """Submodule names the automatic balancer may cut at, in definition order."""
-    if isinstance(model, nn.Sequential):
-        return [name for name, _ in model.named_children()]
-    units: list[str] = []
-
-    def expand(prefix: str, module: nn.Module) -> None:
-        for name, child in module.named_children():
-            qualname = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and len(child) > 0:
-                expand(qualname, child)
-            else:
-                units.append(qualname)
-
-    expand("", model)
-    return units
-
-
-def choose_split_points(
-    model: nn.Module,
-    units: list[str],
-    num_modules: int,
-    balance: Balance,
-    example_inputs: tuple[Any, ...] | None,
-) -> list[str]:
-    if isinstance(balance, str):
-        if balance == "params":
-            weights = [float(sum(p.numel() for p in model.get_submodule(u).parameters())) for u in units]
-        elif balance == "time":
-            if example_inputs is None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_modules: int | None,
+        split_points: Sequence[str] | None,
+        balance: Balance = "params",
+        example_inputs: Any = None,
+        capture: str = "auto",
+    ) -> None:
+        if split_points is not None:
+            split_points = list(split_points)
+            if num_modules is not None and num_modules != len(split_points) + 1:
                 raise ValueError(
-                    'balance="time" profiles each unit and needs example_inputs=(x,) with a batch like the '
-                    'training batches; pass it, or use the default balance="params"'
+                    f"num_modules={num_modules} disagrees with {len(split_points)} split points "
+                    f"(K modules need K-1 split points); drop num_modules or pass {num_modules - 1} split points"
                 )
-            from .plan import profile  # the planner's profiler: forward + backward time per unit
+            num_modules = len(split_points) + 1
+        if num_modules is None:
+            raise ValueError("pass num_modules=K (the model is then balanced automatically) or split_points=[...]")
+        if not isinstance(num_modules, int) or isinstance(num_modules, bool) or num_modules < 1:
+            raise ValueError(f"num_modules must be a positive integer, got {num_modules!r}")
+        if capture not in TRACERS:
+            raise ValueError(f"capture must be one of {TRACERS}, got {capture!r}")
+        _check_balance(balance, num_modules)
+        self.model = model
+        self.num_modules = num_modules
+        self.balance = balance
+        self.tracer = capture
+        self.units = candidate_units(model)
+        self.split_points: list[str] | None = split_points
+        self.ordered_units: list[str] | None = None  # units in execution order, once captured
+        self.stages = [Stage(i, StageDispatch(i, self)) for i in range(num_modules)]
+        self.signature = signature_of(model)
+        self.current: Program | None = None
+        self.on_new_program: Callable[[Program], None] | None = None  # placement, set by the wrapper
+        self._cache: OrderedDict[Hashable, Program] = OrderedDict()
+        self._fixed: Program | None = None  # the one program of a Sequential / K=1
+        self._example = example_inputs
+        if split_points is not None:
+            check_names(model, split_points)
+        elif num_modules > len(self.units):
+            raise ValueError(
+                f"num_modules={num_modules} but {type(model).__name__} has only {len(self.units)} splittable units "
+                f"({', '.join(self.units)}); use num_modules <= {len(self.units)} or pass split_points inside "
+                "these units"
+            )
+        if num_modules == 1:
+            self.split_points = []
+            self._install(Program(None, [StageModule(_Whole(model), last=True)], name="whole model"))
+        elif is_sequential_split(model, split_points or self.units):
+            if self.split_points is None:
+                from .balance import choose_split_points
 
-            weights = [u.forward_s + u.backward_s for u in profile(model, example_inputs)]
+                self.split_points = choose_split_points(self, self.units, [True] * len(self.units))
+            self._install(Program(None, split_sequential(model, self.split_points), name="nn.Sequential"))
+        elif example_inputs is not None:
+            call = example_call(self.signature, example_inputs)
+            self.select(call.args, call.kwargs, training=True)
+        elif capture in ("auto", "fx") and balance != "time":
+            self._capture_default_call()
+        if balance == "time" and self.split_points is None and example_inputs is None:
+            raise ValueError(
+                'balance="time" profiles each unit and needs example_inputs=(x,) with a batch like the '
+                'training batches; pass it, or use the default balance="params"'
+            )
+
+    # ----------------------------------------------------------------------- programs
+
+    @property
+    def captured(self) -> bool:
+        return self._fixed is not None or bool(self._cache)
+
+    def programs(self) -> list[Program]:
+        return [self._fixed] if self._fixed is not None else list(self._cache.values())
+
+    def current_program(self) -> Program:
+        if self.current is None:  # a stage called directly, before the wrapper: the latest capture
+            programs = self.programs()
+            if not programs:
+                raise RuntimeError(
+                    f"{type(self.model).__name__} is captured at its first forward: call the wrapper before its stages"
+                )
+            self.current = programs[-1]
+        return self.current
+
+    def select(self, args: tuple[Any, ...], kwargs: dict[str, Any], training: bool) -> tuple[Any, ...]:
+        """Make the program for this call current (capturing it if new); return module 1's inputs."""
+        if self._fixed is not None:
+            self.current = self._fixed
+            if self.num_modules == 1:
+                return (WholeCall(args, kwargs),)
+            if kwargs:
+                raise TypeError(f"{type(self.model).__name__} takes positional inputs only; got {sorted(kwargs)}")
+            return args
+        call = Call(self.signature, args, kwargs)
+        key = call.key(training)
+        program = self._cache.get(key)
+        if program is not None and program.fits(call):
+            self._cache.move_to_end(key)
         else:
+            program = self._capture(call, training, key)
+        self.current = program
+        return call.tensors
+
+    @contextlib.contextmanager
+    def using(self, program: Program | None) -> Iterator[None]:
+        """Run the body with ``program`` current (a replay of an input stored under it)."""
+        if program is None or program is self.current:
+            yield
+            return
+        previous, self.current = self.current, program
+        try:
+            yield
+        finally:
+            self.current = previous
+
+    def _capture(self, call: Call, training: bool, key: Hashable, graph: Graph | None = None) -> Program:
+        graph = graph or capture(self.model, call, training, leaves=self._leaves(), tracer=self.tracer)
+        if self.split_points is None or self.ordered_units is None:
+            ordered, allowed = self._units_in_order(graph)
+            if self.split_points is None:
+                from .balance import choose_split_points
+
+                self.split_points = choose_split_points(self, ordered, allowed, graph=graph, call=call)
+            self.ordered_units = ordered
+        stages = split_graph(graph, self.model, self.split_points)
+        mode = "train" if training else "eval"
+        program = Program(key, stages, graph, name=f"{mode}: {call.describe()}")
+        if key in self._cache:  # the same signature with other shapes: replace
+            self._forget(self._cache.pop(key))
+        self._cache[key] = program
+        while len(self._cache) > CACHE_SIZE:
+            self._forget(self._cache.popitem(last=False)[1])
+        self._install(program)
+        if len(self._cache) == CACHE_SIZE:
+            logger.warning(
+                "%s has been captured for %d call signatures; each new one costs a capture. Keep the "
+                "arguments' presence, dtypes and flags the same from call to call.",
+                type(self.model).__name__,
+                CACHE_SIZE,
+            )
+        return program
+
+    def _install(self, program: Program) -> None:
+        if program.key is None:
+            self._fixed = program
+        for stage, module in zip(self.stages, program.stages):
+            stage.train.programs.append(module)
+        if self.on_new_program is not None:
+            self.on_new_program(program)
+
+    def _forget(self, program: Program) -> None:
+        for stage, module in zip(self.stages, program.stages):
+            kept = [m for m in stage.train.programs if m is not module]
+            stage.train.programs = nn.ModuleList(kept)
+
+    def _leaves(self) -> set[str]:
+        """Units fx may call whole: those that hold no split point."""
+        points = self.split_points or []
+        return {u for u in self.units if not any(p == u or p.startswith(u + ".") for p in points)} | set(points)
+
+    def _units_in_order(self, graph: Graph) -> tuple[list[str], list[bool]]:
+        """The units the call runs, in execution order, and whether each runs once (may begin a module)."""
+        order = order_of(graph, self.units)
+        called = sorted((u for u in self.units if order[u][1] > 0), key=lambda u: order[u][0])
+        if len(called) < self.num_modules:
+            raise ValueError(
+                f"num_modules={self.num_modules} but this call of {type(self.model).__name__} runs only "
+                f"{len(called)} units ({', '.join(called)}); use fewer modules or pass split_points"
+            )
+        return called, [order[u][1] == 1 for u in called]
+
+    def _capture_default_call(self) -> None:
+        """Trace now with torch.fx when the model can be called with tensors for its required arguments
+        and defaults for the rest; models fx cannot trace are captured at their first forward."""
+        if self.signature is None:
+            return
+        args = []
+        for p in self.signature.parameters.values():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.KEYWORD_ONLY) or p.default is not p.empty:
+                break
+            args.append(torch.empty(0))
+        call = Call(self.signature, tuple(args), {})
+        try:
+            graph = capture(self.model, call, True, leaves=self._leaves(), tracer="fx")
+        except CaptureError as exc:  # not traceable by fx (or not called this way): at the first forward
+            logger.info("%s will be captured at its first forward (%s)", type(self.model).__name__, exc)
+            if self.tracer == "fx":
+                raise
+            return
+        self._capture(call, True, call.key(True), graph)
+
+    # ----------------------------------------------------------------------- description
+
+    def describe_units(self, index: int) -> str:
+        if not self.split_points and self.num_modules > 1:
+            return "(chosen at the first forward)"
+        points = self.split_points or []
+        return f"from {points[index - 1] if index else '(input)'}"
+
+
+def _check_balance(balance: Balance, num_modules: int) -> None:
+    if isinstance(balance, str):
+        if balance not in ("params", "time"):
             raise ValueError(f'balance must be "params", "time" or a list of unit counts, got {balance!r}')
-        starts = balanced_starts(weights, num_modules)
-    else:
-        counts = list(balance)
-        if (
-            len(counts) != num_modules
-            or any(not isinstance(c, int) or c < 1 for c in counts)
-            or sum(counts) != len(units)
-        ):
-            raise ValueError(
-                f"balance={counts!r} must list {num_modules} positive unit counts summing to {len(units)} "
-                f"(the model's units: {', '.join(units)})"
-            )
-        starts = [sum(counts[:i]) for i in range(1, num_modules)]
-    return [units[i] for i in starts]
-
-
-def balanced_starts(weights: Sequence[float], parts: int) -> list[int]:
-    """Indices at which parts 2..K begin, minimising the heaviest contiguous part (exact DP)."""
-    prefix = [0.0]
-    for w in weights:
-        prefix.append(prefix[-1] + w)
-    return min_max_cut(len(weights), parts, lambda i, j, last: prefix[j] - prefix[i])
-
-
-def min_max_cut(n: int, parts: int, cost: Callable[[int, int, bool], float]) -> list[int]:
-    """Start indices of parts 2..K of items 0..n-1 minimising the largest ``cost(i, j, last)`` of a
-    part made of items i..j-1 (``last``: it is the final part).  Exact dynamic programming."""
-    inf = float("inf")
-    # best[p][j]: smallest possible largest cost when the first j items form p parts.
-    best = [[inf] * (n + 1) for _ in range(parts + 1)]
-    cut = [[0] * (n + 1) for _ in range(parts + 1)]
-    best[0][0] = 0.0
-    for p in range(1, parts + 1):
-        for j in range(p, n + 1):
-            if p == parts and j != n:
-                continue
-            for i in range(p - 1, j):
-                c = max(best[p - 1][i], cost(i, j, p == parts))
-                if c < best[p][j]:
-                    best[p][j], cut[p][j] = c, i
-    starts, j = [], n
-    for p in range(parts, 1, -1):
-        j = cut[p][j]
-        starts.append(j)
-    return starts[::-1]
-
-
-def _check_names(model: nn.Module, split_points: list[str]) -> None:
-    names = [n for n, _ in model.named_modules() if n]
-    for point in split_points:
-        if point not in names:
-            close = difflib.get_close_matches(point, names, n=3)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            raise ValueError(
-                f"split point {point!r} is not a submodule name of {type(model).__name__} "
-                f"(names as in model.named_modules()){hint}"
-            )
-    if len(set(split_points)) != len(split_points):
-        raise ValueError(f"split_points lists a name twice: {split_points}")
-    for a in split_points:
-        for b in split_points:
-            if b.startswith(a + "."):
-                raise ValueError(
-                    f"split point {b!r} lies inside split point {a!r}; a split point cannot contain another"
-                )
-
-
-# --------------------------------------------------------------------------- building stages
-
-
-def _build_stages(model: nn.Module, split_points: list[str], units: list[str]) -> list[Stage]:
-    if isinstance(model, nn.Sequential) and all(p in dict(model.named_children()) for p in split_points):
-        return _split_sequential(model, split_points)
-    # Units that hold no split point run as opaque calls: fewer things to trace, same function.
-    leaves = set(split_points) | {u for u in units if not any(p.startswith(u + ".") for p in split_points)}
-    was_training = {m: m.training for m in model.modules()}
-    try:
-        model.train()
-        train = _split_traced(_trace(model, leaves), split_points)
-        # fx bakes `self.training` into the graph, so eval mode gets a graph of its own.
-        model.eval()
-        evals = _split_traced(_trace(model, leaves), split_points)
-    finally:
-        for m, mode in was_training.items():
-            m.training = mode
-    return [Stage(i, t, e) for i, (t, e) in enumerate(zip(train, evals))]
-
-
-def _split_sequential(model: nn.Sequential, split_points: list[str]) -> list[Stage]:
-    names = [name for name, _ in model.named_children()]
-    starts = [names.index(p) for p in split_points]
-    if starts != sorted(starts):
-        order = sorted(split_points, key=names.index)
-        raise ValueError(f"split_points must follow execution order: got {split_points}, expected {order}")
-    if starts and starts[0] == 0:
-        raise ValueError(f"split point {split_points[0]!r} is the first layer, so module 1 would be empty")
-    bounds = [0, *starts, len(names)]
-    stages = []
-    for i in range(len(bounds) - 1):
-        body = nn.Sequential(*[model[j] for j in range(bounds[i], bounds[i + 1])])
-        module = _SequentialStage(body, last=i == len(bounds) - 2)
-        stages.append(Stage(i, module, module))
-    return stages
-
-
-class _SequentialStage(nn.Module):
-    """A run of an ``nn.Sequential``'s children with the tuple-in/tuple-out stage convention."""
-
-    def __init__(self, body: nn.Sequential, last: bool) -> None:
-        super().__init__()
-        self.body = body
-        self.last = last
-
-    def forward(self, *inputs: Any) -> Any:
-        out = self.body(*inputs)
-        return out if self.last else (out,)
-
-
-class _Tracer(fx.Tracer):
-    def __init__(self, leaves: set[str]) -> None:
-        super().__init__()
-        self.leaves = leaves
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
-
-
-def _trace(model: nn.Module, leaves: set[str]) -> fx.GraphModule:
-    try:
-        graph = _Tracer(leaves).trace(model)
-    except Exception as exc:
-        raise ValueError(
-            f"{type(model).__name__} cannot be traced by torch.fx ({type(exc).__name__}: {exc}). Fixes: express the "
-            "model as nn.Sequential; or make the untraceable code part of a unit that is not cut (submodules listed "
-            "as units are called as a whole, not traced); or mark helper functions with torch.fx.wrap"
-        ) from exc
-    return fx.GraphModule(model, graph)
-
-
-def _split_traced(gm: fx.GraphModule, split_points: list[str]) -> list[fx.GraphModule]:
-    nodes = list(gm.graph.nodes)
-    position = {node: i for i, node in enumerate(nodes)}
-    starts = []
-    for point in split_points:
-        calls = [n for n in nodes if n.op == "call_module" and n.target == point]
-        if len(calls) != 1:
-            why = "is never called in forward()" if not calls else f"is called {len(calls)} times in forward()"
-            raise ValueError(f"split point {point!r} {why}; choose a submodule that forward() calls exactly once")
-        starts.append(position[calls[0]])
-    if starts != sorted(starts):
-        order = [p for _, p in sorted(zip(starts, split_points))]
-        raise ValueError(f"split_points must follow execution order: got {split_points}, expected {order}")
-    bounds = [0, *starts, len(nodes)]
-    if not any(n.op not in ("placeholder", "get_attr") for n in nodes[: bounds[1]]) and len(bounds) > 2:
-        raise ValueError(f"split point {split_points[0]!r} is where forward() begins, so module 1 would be empty")
-
-    def alive_at(boundary: int) -> list[fx.Node]:
-        # Values made before the cut and used after it; parameters (get_attr) are re-read, never carried.
-        return [
-            n for n in nodes[:boundary] if n.op != "get_attr" and any(position[user] >= boundary for user in n.users)
-        ]
-
-    stages = []
-    for i in range(len(bounds) - 1):
-        begin, end = bounds[i], bounds[i + 1]
-        last = i == len(bounds) - 2
-        graph = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {}
-
-        def lookup(node: fx.Node, graph: fx.Graph = graph, env: dict[fx.Node, fx.Node] = env) -> fx.Node:
-            if node not in env:  # a parameter or buffer read in this stage
-                env[node] = graph.get_attr(node.target)
-            return env[node]
-
-        if i > 0:
-            for node in alive_at(begin):
-                env[node] = graph.placeholder(node.name)
-        for node in nodes[begin:end]:
-            if node.op == "get_attr":
-                continue
-            env[node] = graph.node_copy(node, lookup)
-        if not last:
-            graph.output(tuple(env[n] for n in alive_at(end)))
-        graph.lint()
-        stages.append(fx.GraphModule(gm, graph, class_name=f"Stage{i}"))
-    return stages
+    elif len(balance) != num_modules or any(not isinstance(c, int) or c < 1 for c in balance):
+        raise ValueError(f"balance={list(balance)!r} must list {num_modules} positive unit counts")

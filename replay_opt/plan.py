@@ -35,58 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .partition import _build_stages, candidate_units, min_max_cut
-
-
-@dataclass
-class UnitProfile:
-    name: str
-    forward_s: float
-    backward_s: float
-    output_bytes: int  # what crosses a cut placed right after this unit
-    params: int
-
-
-def profile(model: nn.Module, example_inputs: tuple[Any, ...], repeats: int = 3) -> list[UnitProfile]:
-    """Time each unit's forward and backward on the model's device; leaves the model as it was."""
-    units = candidate_units(model)
-    stages = _build_stages(model, units[1:], units)
-    device = next(model.parameters()).device
-    sync = torch.get_device_module(device.type).synchronize if device.type != "cpu" else (lambda: None)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    grads = {p: p.grad for p in model.parameters()}
-    out_profiles = []
-    with torch.random.fork_rng(devices=[]):
-        x: tuple[Any, ...] = tuple(example_inputs)
-        for name, stage in zip(units, stages):
-            inputs = tuple(
-                v.detach().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in x
-            )
-            fwd, bwd = [], []
-            for r in range(repeats + 1):  # the first run warms up
-                sync()
-                t0 = time.perf_counter()
-                out = stage.train(*inputs)
-                sync()
-                t1 = time.perf_counter()
-                values = list(out) if isinstance(out, (tuple, list)) else [out]
-                tensors = [t for t in values if isinstance(t, torch.Tensor) and t.requires_grad]
-                if tensors:
-                    torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
-                sync()
-                t2 = time.perf_counter()
-                if r:
-                    fwd.append(t1 - t0)
-                    bwd.append(t2 - t1)
-            crossing = sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
-            params = sum(p.numel() for p in stage.parameters())
-            out_profiles.append(UnitProfile(name, min(fwd), min(bwd), crossing, params))
-            with torch.no_grad():
-                x = tuple(values) if isinstance(out, (tuple, list)) else (out,)
-    model.load_state_dict(state)
-    for p, g in grads.items():
-        p.grad = g
-    return out_profiles
+from .balance import UnitProfile, profile
+from .units import min_max_cut
 
 
 @dataclass

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .diagnostics import SufficientDirection
 from .distributed import Layout, local_device, pipeline_layout
 from .history import to_device
 from .methods import make_method
-from .partition import Balance, Stage, partition
+from .partition import Balance, Partition, Program, Stage
 from .pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,13 @@ class ReplayModelWrapper(nn.Module):
         devices: one device per module.  Default: one accelerator per module
             when at least K are visible, else every module stays where the
             model is (and moves with ``.to()`` / ``accelerator.prepare``).
-        example_inputs: a batch, as a tuple of forward arguments, for
+        example_inputs: a batch -- a tuple of positional inputs or a dict of
+            keyword inputs (``{"input_ids": ..., "labels": ...}``) -- to capture
+            the model now rather than at its first forward; needed for
             ``balance="time"``.
+        capture: how models that are not an ``nn.Sequential`` are turned into
+            graphs: ``"auto"`` (torch.fx, then torch.export), ``"fx"`` or
+            ``"export"`` (see ``docs/models.md``).
         track_memory: count the bytes each module holds for backward in every
             training step (see ``memory_report``); off by default because it
             hooks every tensor autograd saves.
@@ -77,7 +82,8 @@ class ReplayModelWrapper(nn.Module):
         split_points: Sequence[str] | None = None,
         balance: Balance = "params",
         devices: Sequence[DeviceLike] | None = None,
-        example_inputs: tuple[Any, ...] | None = None,
+        example_inputs: Any = None,
+        capture: str = "auto",
         track_memory: bool = False,
         timeout: float = 300.0,
         diagnostics_every: int | None = None,
@@ -90,59 +96,75 @@ class ReplayModelWrapper(nn.Module):
         if isinstance(split_points, str):
             raise TypeError(f"split_points takes a list of names, e.g. [{split_points!r}]")
         self.module = module
-        cut = partition(
-            module, num_modules=num_modules, split_points=split_points, balance=balance, example_inputs=example_inputs
-        )
-        # A plain list, not nn.ModuleList: the stages share their layers with
-        # ``module`` and must not appear twice in parameters() or state_dict().
-        self._stages: list[Stage] = cut.stages
-        self.split_points: list[str] = cut.split_points
-        self.units: list[str] = cut.units
         self.method: str = method
-        _check_no_shared_parameters(self._stages)
+        self._optimizer: Any = None  # the ReplayOptimizer bound to this model
+        layout = pipeline_layout(num_modules if num_modules is not None else len(split_points or ()) + 1, timeout)
+        if layout is not None and devices is not None:
+            raise ValueError(
+                "devices= cannot be combined with one process per module: each process runs its module on "
+                "its own device (Accelerate's / LOCAL_RANK's); drop devices="
+            )
+        # A plain attribute, not a submodule: the stages share their layers with ``module`` and
+        # must not appear twice in parameters() or state_dict().
+        self._partition = Partition(
+            module, num_modules=num_modules, split_points=split_points, balance=balance,
+            example_inputs=example_inputs, capture=capture,
+        )  # fmt: skip
+        self._stages: list[Stage] = self._partition.stages
         self._method = make_method(method, self._stages)
         self._pipeline: Pipeline | None = None
-        layout = pipeline_layout(len(self._stages))
         if layout is None:
             self._devices = _resolve_devices(devices, len(self._stages))
             if self._devices is not None:
                 for stage, device in zip(self._stages, self._devices):
                     stage.device = device
-                    stage.train.to(device)
         else:
-            if devices is not None:
-                raise ValueError(
-                    "devices= cannot be combined with one process per module: each process runs its module on "
-                    "its own device (Accelerate's / LOCAL_RANK's); drop devices="
-                )
             device = local_device()
-            self._stages[layout.stage].train.to(device)
             self._devices = [device] * len(self._stages)
-            self._pipeline = Pipeline(self._stages, self._method, layout, device, timeout)
-            splits = self._pipeline.transport.gather_objects(self.split_points)
-            if any(other != self.split_points for other in splits):
-                raise ValueError(
-                    f"the ranks cut the model differently ({splits}); with one process per module pass "
-                    "split_points=[...] (balance='time' measures on each rank and may disagree)"
-                )
+            self._pipeline = Pipeline(self._stages, self._method, layout, device, timeout, module)
             # Tell accelerator.prepare to leave this model alone: no move to one device, no DDP
             # (replicas average their gradients themselves, per module).
             self._is_accelerate_prepared = True
+            # Whoever asks the model for its state dict gets every module's current weights.
+            module._register_state_dict_hook(_FreshStateDict(self))
             if layout.rank == 0:
                 print(layout.describe(), flush=True)
+        self._partition.on_new_program = self._place
+        from .accelerate import install
+
+        install()  # unwrap_model gives the wrapped model; with a pipeline, Accelerate's idioms act on it
+        for program in self._partition.programs():
+            self._place(program)
         self.track_memory = track_memory
         self._sufficient_direction = SufficientDirection(diagnostics_every) if diagnostics_every else None
         if self._sufficient_direction is not None and self._pipeline is not None:
             raise ValueError("diagnostics_every runs in one process; drop it with one process per module")
-        self._optimizer: Any = None  # the ReplayOptimizer bound to this model
-        stage0 = self._stages[0].train
-        self._signature = None if isinstance(stage0, nn.Sequential) else inspect.signature(stage0.forward)
+
+    def _place(self, program: Program) -> None:
+        """Put a new program's stage modules on their devices (one process per module: this rank's only)."""
+        if self._pipeline is not None:
+            self._pipeline.on_new_program(program, self.split_points)
+            if self._optimizer is not None:
+                self._optimizer._drop_foreign_state()
+        elif self._devices is not None:
+            for stage, module in zip(self._stages, program.stages):
+                module.to(stage.device)
 
     # ----------------------------------------------------------------------- public
 
     @property
     def num_modules(self) -> int:
         return len(self._stages)
+
+    @property
+    def split_points(self) -> list[str]:
+        """The K-1 submodule names at which modules 2..K begin ([] until chosen at the first forward)."""
+        return list(self._partition.split_points or [])
+
+    @property
+    def units(self) -> list[str]:
+        """The submodule names the balancer may cut at (in execution order once the model is captured)."""
+        return list(self._partition.ordered_units or self._partition.units)
 
     @property
     def stages(self) -> list[nn.Module]:
@@ -176,14 +198,20 @@ class ReplayModelWrapper(nn.Module):
         return {"method": self.method, **self._method.meter.report()}
 
     def describe(self) -> str:
-        """A table of the partition: each module's first and last unit, parameters and device."""
+        """A table of the partition: where each module begins, its parameters and device."""
         lines = [f"{type(self.module).__name__} -> {self.num_modules} modules, method={self.method!r}"]
         layout = self.layout
         for stage, device in zip(self._stages, self.devices):
+            where = f"on {device}" if layout is None else f"on rank {layout.rank_of(stage.index)}"
+            if not self._partition.captured:
+                lines.append(f"  module {stage.index + 1}: split and captured at the first forward  {where}")
+                continue
             params = sum(p.numel() for p in stage.parameters())
             first = self.split_points[stage.index - 1] if stage.index else "(input)"
-            where = f"on {device}" if layout is None else f"on rank {layout.rank_of(stage.index)}"
             lines.append(f"  module {stage.index + 1}: from {first:<24} {params:>12,} params  {where}")
+        for program in self._partition.programs():
+            if program.graph is not None:
+                lines.append(f"  captured with {program.graph.tracer} in {program.graph.seconds:.2f} s: {program.name}")
         return "\n".join(lines)
 
     def extra_repr(self) -> str:
@@ -203,20 +231,23 @@ class ReplayModelWrapper(nn.Module):
             self._check_grad_scaler()
             self._method.meter.begin_step()
         if self._pipeline is not None:
-            with self._autocast():
+            with self._autocast() as precision:
+                inputs = self._partition.select(args, kwargs, training)
                 if training:
-                    return self._pipeline.train_forward(self._bind(args, kwargs))
-                return self._pipeline.infer(self._bind(args, kwargs), self.training)
+                    out = self._pipeline.train_forward(inputs, (args, kwargs))
+                else:
+                    out = self._pipeline.infer(inputs, (args, kwargs), self.training)
+            return _to_fp32(out) if precision == "bf16" else out
         if not training:
             return self._inference(args, kwargs)
-        inputs = self._bind(args, kwargs)
+        inputs = self._partition.select(args, kwargs, True)
         watch = self._sufficient_direction
         if watch is not None and watch.due(self._method.steps):
             watch.watch(inputs, self._stages)
         out = self._method.forward(inputs)
         if watch is not None:
             out = watch.wrap_output(out)
-        return self._to_input_device(out, args)
+        return self._to_input_device(out, args, kwargs)
 
     @property
     def diagnostics(self) -> list[dict[str, Any]]:
@@ -259,27 +290,20 @@ class ReplayModelWrapper(nn.Module):
         )
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
-        """As ``nn.Module.state_dict``; with one process per module, collective (call it on every rank):
-        each module's entries come from the rank that trains it."""
-        full = super().state_dict(*args, **kwargs)
-        if self._pipeline is None or args:
-            return full
-        prefix = kwargs.get("prefix", "")
-        own = {id(t) for t in [*self._local_stage.parameters(), *self._local_stage.train.buffers()]}
-        local_keys = {
-            f"{prefix}module.{name}"
-            for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]
-            if id(t) in own
-        }
-        return self._pipeline.model_state_dict(full, local_keys)
+        """As ``nn.Module.state_dict`` (the model's under ``module.``).  With one process per module it is
+        collective, like ``self.module.state_dict()``: call it on every rank; each module's entries come
+        from the rank that trains it."""
+        return super().state_dict(*args, **kwargs)
 
     @property
     def _local_stage(self) -> Stage:
         assert self._pipeline is not None
         return self._pipeline.stage
 
-    def _autocast(self) -> Any:
-        # accelerator.prepare leaves a pipeline-parallel model unwrapped, autocast included.
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[str]:
+        # accelerator.prepare leaves a pipeline-parallel model unwrapped: autocast (and the float32
+        # outputs Accelerate gives a bf16 model) are applied here.
         mode = _accelerate_precision()
         if mode == "fp16":
             raise RuntimeError(
@@ -287,33 +311,28 @@ class ReplayModelWrapper(nn.Module):
                 "steps on its own); use bf16"
             )
         if mode == "bf16":
-            return torch.autocast(self._pipeline.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+            assert self._pipeline is not None
+            with torch.autocast(self._pipeline.device.type, dtype=torch.bfloat16):
+                yield mode
+        else:
+            yield mode
 
     def _inference(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._devices is None:
             return self.module(*args, **kwargs)  # one device: the original forward, exactly
-        x = self._bind(args, kwargs)
+        x = self._partition.select(args, kwargs, self.training)
         for stage in self._stages[:-1]:
             x = stage.forward(self.training, *to_device(x, stage.device))
         last = self._stages[-1]
-        return self._to_input_device(last.forward(self.training, *to_device(x, last.device)), args)
+        return self._to_input_device(last.forward(self.training, *to_device(x, last.device)), args, kwargs)
 
-    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-        if not kwargs:
-            return args
-        if self._signature is None:
-            raise TypeError(f"{type(self.module).__name__} takes positional inputs only; got {sorted(kwargs)}")
-        bound = self._signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return tuple(bound.args)
-
-    def _to_input_device(self, out: Any, args: tuple[Any, ...]) -> Any:
+    def _to_input_device(self, out: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # The output goes back to where the batch came from, so the user's loss
         # meets its targets on one device, as with a model on one device.
         if self._devices is None:
             return out
-        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        leaves = tree_flatten((args, kwargs))[0]
+        device = next((a.device for a in leaves if isinstance(a, torch.Tensor)), None)
         if device is None:
             return out
         return tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=True), out)
@@ -354,10 +373,18 @@ class ReplayModelWrapper(nn.Module):
     # ----------------------------------------------------------------------- replay state
 
     def replay_state_dict(self) -> dict[str, Any]:
-        """What the method keeps between steps (histories, stale gradients, counters)."""
-        return self._method.state_dict()
+        """What the method keeps between steps (histories, stale gradients, counters), and the cut."""
+        return {**self._method.state_dict(), "split_points": self.split_points}
 
     def load_replay_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("split_points")
+        same_shape = state.get("method") == self.method and state.get("num_modules") == self.num_modules
+        if same_shape and saved is not None and self._partition.split_points is not None and saved != self.split_points:
+            raise ValueError(
+                f"the checkpoint was saved with split_points={saved}, this model is cut at {self.split_points}: the "
+                "stored inputs and gradients belong to the other cut; build the wrapper with "
+                f"split_points={saved} to resume"
+            )
         self._sync_devices()
         self._method.load_state_dict(state)
 
@@ -383,13 +410,24 @@ def _resolve_devices(devices: Sequence[DeviceLike] | None, k: int) -> list[torch
     return resolved
 
 
-def _check_no_shared_parameters(stages: list[Stage]) -> None:
-    owner: dict[int, int] = {}
-    for stage in stages:
-        for p in stage.parameters():
-            if owner.setdefault(id(p), stage.index) != stage.index:
-                raise ValueError(
-                    f"a parameter of shape {tuple(p.shape)} is used by modules {owner[id(p)] + 1} and "
-                    f"{stage.index + 1}; tied weights cannot be split across modules -- choose split points "
-                    "that keep every use of a shared layer in one module"
-                )
+
+class _FreshStateDict:
+    """State-dict hook of the wrapped model with one process per module: the entries of every module come
+    from the rank that trains it (collective: every rank must ask together)."""
+
+    def __init__(self, wrapper: ReplayModelWrapper) -> None:
+        self.wrapper = weakref.ref(wrapper)
+
+    def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        wrapper = self.wrapper()
+        if wrapper is None or wrapper._pipeline is None or wrapper._pipeline.closed:
+            return
+        stage = wrapper._local_stage
+        own = {id(t) for t in [*stage.parameters(), *stage.train.buffers()]}
+        named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        local_keys = {prefix + name for name, t in named if id(t) in own}
+        state_dict.update(wrapper._pipeline.model_state_dict(state_dict, local_keys))
+
+
+def _to_fp32(out: Any) -> Any:
+    return tree_map_only(torch.Tensor, lambda t: t.float() if t.dtype in (torch.bfloat16, torch.float16) else t, out)

@@ -126,7 +126,9 @@ def test_a_killed_rank_stops_the_others_with_a_clear_error(tmp_path):
     for r in (results[0], results[2]):
         assert r.returncode != 0
         # A PipelineError that names this rank, what it was doing, and (for a message) the dead peer.
-        assert "PipelineError" in r.stderr and "has probably failed or stopped" in r.stderr, r.stderr[-2000:]
+        assert "PipelineError" in r.stderr and ("has failed or exited" in r.stderr or "gave up after" in r.stderr), (
+            r.stderr[-2000:]
+        )
     assert elapsed < 60
 
 

@@ -11,7 +11,7 @@ from conftest import mlp
 from torch import nn
 
 from replay_opt import ReplayModelWrapper, ReplayOptimizer
-from replay_opt.partition import balanced_starts
+from replay_opt.units import balanced_starts
 
 
 class Block(nn.Module):
@@ -165,26 +165,6 @@ def test_bad_input_names_the_fix(kwargs, message):
         ReplayModelWrapper(ResNetish(), **kwargs)
 
 
-def test_untraceable_model():
-    class DataDependent(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(8, 8)
-            self.b = nn.Linear(8, 4)
-
-        def forward(self, x):
-            h = self.a(x)
-            if h.sum() > 0:  # control flow on a traced value
-                h = -h
-            return self.b(h)
-
-    with pytest.raises(ValueError, match="cannot be traced by torch.fx"):
-        ReplayModelWrapper(DataDependent(), split_points=["a"])
-    # ...but the same code is fine inside a unit that is called as a whole.
-    wrapper = ReplayModelWrapper(nn.Sequential(DataDependent(), nn.Linear(4, 4)), num_modules=2)
-    assert wrapper.split_points == ["1"]
-
-
 def test_split_point_called_twice():
     class Twice(nn.Module):
         def __init__(self):
@@ -197,13 +177,6 @@ def test_split_point_called_twice():
 
     with pytest.raises(ValueError, match="called 2 times"):
         ReplayModelWrapper(Twice(), split_points=["b"])
-
-
-def test_tied_weights_across_modules():
-    model = mlp(depth=3, width=8, inputs=8, classes=8)
-    model[4].weight = model[0].weight
-    with pytest.raises(ValueError, match="tied weights"):
-        ReplayModelWrapper(model, split_points=["2"])
 
 
 def test_wrong_argument_types():

@@ -40,9 +40,10 @@ from .stale import StaleGradientMethod, Values
 class KeptGraph:
     inputs: Values  # leaves (module > 1) the graph starts from
     rng: RngState
-    weights: list[torch.Tensor]  # the parameter values this batch saw (detached views of the copies)
+    weights: dict[str, torch.Tensor]  # the parameter values this batch saw (detached views of the copies)
     outputs: Values | None  # None until rebuilt after a checkpoint load
     saved: Storages = field(default_factory=dict)  # what autograd saved, for the memory report
+    program: Any = None  # the captured call signature it ran under (None: the current one)
 
 
 class DelayedGradients(StaleGradientMethod):
@@ -53,14 +54,13 @@ class DelayedGradients(StaleGradientMethod):
         k = len(stages)
         self.graphs: list[deque[KeptGraph]] = [deque() for _ in range(k - 1)]
         self._capacity = [k - i for i in range(k - 1)]  # module i holds K-i graphs during a step
-        self._names = [[n for n, _ in s.train.named_parameters()] for s in stages]
 
     def advance(self, i: int, x: Values) -> tuple[Values, tuple[Values, Values] | None]:
         stage = self.stages[i]
         inputs = as_leaves(x) if i > 0 else x
         rng = RngState.capture(stage.device)
         copies = {n: p.clone() for n, p in stage.train.named_parameters()}
-        kept = KeptGraph(inputs, rng, [c.detach() for c in copies.values()], None)
+        kept = KeptGraph(inputs, rng, {n: c.detach() for n, c in copies.items()}, None, program=stage.program)
         with self.meter.stage(i, kept.saved):
             kept.outputs = functional_call(stage.train, copies, inputs)
         graphs = self.graphs[i]
@@ -79,8 +79,13 @@ class DelayedGradients(StaleGradientMethod):
         # w + (p - p.detach()) equals w exactly and has d/dp = 1.
         stage = self.stages[i]
         params = dict(stage.train.named_parameters())
-        weights = {n: w + (params[n] - params[n].detach()) for n, w in zip(self._names[i], kept.weights)}
-        with kept.rng.restored(), frozen_running_stats(stage.train), self.meter.stage(i, kept.saved):
+        weights = {n: w + (params[n] - params[n].detach()) for n, w in kept.weights.items()}
+        with (
+            kept.rng.restored(),
+            stage.using(kept.program),
+            frozen_running_stats(stage.train),
+            self.meter.stage(i, kept.saved),
+        ):
             kept.outputs = functional_call(stage.train, weights, kept.inputs)
 
     def due_next_step(self, i: int) -> bool:
@@ -117,7 +122,7 @@ class DelayedGradients(StaleGradientMethod):
                     if i > 0
                     else to_device(tuple(g["inputs"]), stage.device),
                     RngState.from_state_dict(g["rng"], stage.device),
-                    [w.to(stage.device) for w in g["weights"]],
+                    {n: w.to(stage.device) for n, w in g["weights"].items()},
                     None,
                 )
                 for g in saved

@@ -45,11 +45,11 @@ class FeaturesReplay(StaleGradientMethod):
         rng = RngState.capture(stage.device)
         with torch.no_grad():
             played = stage.train(*x)  # play: batch t, weights w^t, no graph
-        oldest = self.histories[i].push(Entry(x, rng))
+        oldest = self.histories[i].push(Entry(x, rng, stage.program))
         if oldest is None:
             return played, None
         inputs = as_leaves(oldest.inputs) if i > 0 else oldest.inputs  # nobody needs the data's gradient
-        with oldest.rng.restored(), frozen_running_stats(stage.train), self.meter.stage(i):
+        with oldest.rng.restored(), stage.using(oldest.program), frozen_running_stats(stage.train), self.meter.stage(i):
             replayed = stage.train(*inputs)  # replay: input of step t-(K-k), weights w^t
         return played, (replayed, inputs)
 

@@ -1,0 +1,145 @@
+"""Choosing the split points: K contiguous runs of units, the heaviest as light as possible.
+
+Weights per unit are parameter counts (``balance="params"``, no data needed) or the forward +
+backward time measured on a batch (``balance="time"``: ``profile``, which the planner uses
+too); ``balance=[n1, ..., nK]`` gives the unit counts directly.  Units run in execution order,
+and a unit that runs more than once (a shared embedding) cannot begin a module.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+from tqdm.auto import tqdm
+
+from .capture import Call, Graph, capture, example_call, signature_of
+from .split import is_sequential_split, order_of, split_graph, split_sequential
+from .units import balanced_starts, candidate_units
+
+if TYPE_CHECKING:
+    from .partition import Partition
+
+
+@dataclass
+class UnitProfile:
+    name: str
+    forward_s: float
+    backward_s: float
+    output_bytes: int  # what crosses a cut placed right after this unit
+    params: int
+
+
+def choose_split_points(
+    partition: Partition,
+    units: list[str],
+    allowed: list[bool],
+    *,
+    graph: Graph | None = None,
+    call: Call | None = None,
+) -> list[str]:
+    """The names at which modules 2..K begin, for ``partition.balance``."""
+    model, k, balance = partition.model, partition.num_modules, partition.balance
+    if isinstance(balance, str):
+        if balance == "params":
+            seen: set[int] = set()
+            weights = []
+            for u in units:
+                params = [p for p in model.get_submodule(u).parameters() if id(p) not in seen]
+                seen.update(id(p) for p in params)
+                weights.append(float(sum(p.numel() for p in params)))
+        else:
+            example = call if call is not None else example_call(partition.signature, partition._example)
+            profiled = {u.name: u for u in profile(model, example, units=units, allowed=allowed, graph=graph)}
+            weights = [profiled[u].forward_s + profiled[u].backward_s if u in profiled else 0.0 for u in units]
+        starts = balanced_starts(weights, k, allowed)
+    else:
+        counts = list(balance)
+        if sum(counts) != len(units):
+            raise ValueError(
+                f"balance={counts!r} must list {k} positive unit counts summing to {len(units)} "
+                f"(the model's units: {', '.join(units)})"
+            )
+        starts = [sum(counts[:i]) for i in range(1, k)]
+        bad = [units[s] for s in starts if not allowed[s]]
+        if bad:
+            raise ValueError(f"balance={counts!r} begins a module at {bad}, which runs more than once; shift the counts")
+    return [units[i] for i in starts]
+
+
+def profile(
+    model: nn.Module,
+    example_inputs: Any,
+    repeats: int = 3,
+    *,
+    units: list[str] | None = None,
+    allowed: list[bool] | None = None,
+    graph: Graph | None = None,
+) -> list[UnitProfile]:
+    """Time each unit's forward and backward on the model's device; leaves the model as it was.
+
+    ``example_inputs``: a tuple of positional inputs, a dict of keyword inputs, or a ``Call``.
+    Units that cannot begin a module are timed together with the unit before them.
+    """
+    call = example_inputs if isinstance(example_inputs, Call) else example_call(signature_of(model), example_inputs)
+    if units is None:
+        units = candidate_units(model)
+        if not isinstance(model, nn.Sequential):
+            graph = graph or capture(model, call, True, leaves=set(units))
+            order = order_of(graph, units)
+            units = sorted((u for u in units if order[u][1] > 0), key=lambda u: order[u][0])
+            allowed = [order[u][1] == 1 for u in units]
+    allowed = allowed or [True] * len(units)
+    starts = [u for u, ok in zip(units[1:], allowed[1:]) if ok]
+    if is_sequential_split(model, starts):
+        stages = split_sequential(model, starts)
+    else:
+        graph = graph or capture(model, call, True, leaves=set(units))
+        stages = split_graph(graph, model, starts)
+    heads = [units[0], *starts]
+    device = next(model.parameters()).device
+    sync = torch.get_device_module(device.type).synchronize if device.type != "cpu" else (lambda: None)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {p: p.grad for p in model.parameters()}
+    was = {m: m.training for m in model.modules()}
+    model.train()
+    out_profiles = []
+    try:
+        with torch.random.fork_rng(devices=[]):
+            x: tuple[Any, ...] = call.tensors
+            for name, stage in tqdm(list(zip(heads, stages)), desc="timing units (balance='time')", leave=False):
+                inputs = tuple(
+                    v.detach().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                    for v in x
+                )
+                fwd, bwd = [], []
+                for r in range(repeats + 1):  # the first run warms up
+                    sync()
+                    t0 = time.perf_counter()
+                    out = stage(*inputs)
+                    sync()
+                    t1 = time.perf_counter()
+                    values = tree_flatten(out)[0]
+                    tensors = [t for t in values if isinstance(t, torch.Tensor) and t.requires_grad]
+                    if tensors:
+                        torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
+                    sync()
+                    t2 = time.perf_counter()
+                    if r:
+                        fwd.append(t1 - t0)
+                        bwd.append(t2 - t1)
+                crossing = sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
+                params = sum(p.numel() for p in stage.parameters())
+                out_profiles.append(UnitProfile(name, min(fwd), min(bwd), crossing, params))
+                x = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in values)
+    finally:
+        model.load_state_dict(state)
+        for p, g in grads.items():
+            p.grad = g
+        for m, mode in was.items():
+            m.training = mode
+    return out_profiles
