@@ -24,8 +24,14 @@ def main() -> None:
     if args.sigma:
         plot_sigma(args)
         return
+    plot_runs(args.results, args.output)
+    print(f"wrote {args.output}")
+
+
+def plot_runs(results: list[Path], output: Path) -> Path:
+    """Training loss against the step and test accuracy against the epoch, one line per run."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for path in args.results:
+    for path in results:
         r = json.loads(path.read_text())
         label = f"{r['method'].upper()} K={r['modules']} {r['model']}"
         steps, losses = zip(*r["train_loss_log"]) if r["train_loss_log"] else ((), ())
@@ -38,8 +44,9 @@ def main() -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(args.output, dpi=120)
-    print(f"wrote {args.output}")
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return output
 
 
 def plot_sigma(args: argparse.Namespace) -> None:

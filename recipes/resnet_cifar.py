@@ -13,10 +13,10 @@ everything else is an ordinary Accelerate training loop.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,12 +24,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from recipes.checkpoints import CheckpointError, Checkpoints, resolve
 from recipes.data import Augment, load_image_data
 from recipes.models import CIFAR_MODELS, build_model
 from replay_opt import ReplayModelWrapper, ReplayOptimizer
@@ -77,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--output-dir", default="outputs/resnet_cifar")
     g.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint directory, or 'latest'")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    g.add_argument("--overwrite", action="store_true", help="delete another run's checkpoints in --output-dir")
+    g.add_argument(
+        "--timeout", type=float, default=600, help="seconds any wait on another process may take (multi-process)"
+    )
     g.add_argument("--report-to", choices=("wandb", "tensorboard", "none"), default="wandb")
     g.add_argument("--wandb-project", default="replay_opt")
     args = p.parse_args(argv)
@@ -134,38 +139,6 @@ class Progress:
         vars(self).update(state)
 
 
-def save_checkpoint(accelerator: Accelerator, root: Path, step: int, keep: int) -> Path:
-    """``save_state`` into a temporary directory, then rename: a crash mid-write leaves the last one intact."""
-    final, tmp = root / f"step_{step:08d}", root / f".step_{step:08d}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        (root / "latest.tmp").write_text(final.name)
-        os.replace(root / "latest.tmp", root / "latest")
-        for old in sorted(root.glob("step_*"))[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def resolve_checkpoint(arg: str, output_dir: Path) -> Path:
-    path = Path(arg)
-    if arg == "latest":
-        pointer = output_dir / "checkpoints" / "latest"
-        if not pointer.exists():
-            raise FileNotFoundError(f"--resume-from-checkpoint latest: no checkpoint under {pointer.parent}")
-        path = pointer.parent / pointer.read_text().strip()
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume-from-checkpoint {arg}: {path} is not a checkpoint directory")
-    return path
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -179,22 +152,16 @@ def evaluate(model, loader, augment: Augment, accelerator: Accelerator) -> tuple
 
 
 def _evaluate(model, loader, augment: Augment, accelerator: Accelerator) -> tuple[float, float]:
-    replay_model = accelerator.unwrap_model(model)
     model.eval()
-    loss_sum = torch.zeros((), device=accelerator.device)
-    correct = torch.zeros((), device=accelerator.device)
-    count = torch.zeros((), device=accelerator.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, correct, count
     for x, y in loader:
         out = model(augment.normalize(x))  # one process per module: a forward-only pass through the ranks
-        if replay_model.layout is None:
-            out, y = accelerator.gather_for_metrics((out, y))
-        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
-        correct += (out.argmax(1) == y).sum()
-        count += len(y)
+        out, y = accelerator.gather_for_metrics((out, y))  # every rank gets the last modules' outputs
+        sums += torch.stack(
+            [F.cross_entropy(out.float(), y, reduction="sum"), (out.argmax(1) == y).sum(), y.new_tensor(len(y))]
+        ).double()
     model.train()
-    # Only the last module's rank computes real outputs: its sums, over replicas, reach every rank.
-    loss_sum, correct, count = (replay_model.sum_over_last_modules(t) for t in (loss_sum, correct, count))
-    return loss_sum.item() / count.item(), correct.item() / count.item()
+    return sums[0].item() / sums[2].item(), sums[1].item() / sums[2].item()
 
 
 # ----------------------------------------------------------------------------- main
@@ -208,6 +175,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Every wait on another process is bounded (torch's default is 30 minutes).
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.timeout))],
     )
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() != accelerator.num_processes:
         raise SystemExit(
@@ -219,11 +188,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_seed(args.seed)
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-
     try:
+        checkpoints = Checkpoints(
+            output_dir / "checkpoints", args.keep_checkpoints, resuming=bool(args.resume_from_checkpoint),
+            overwrite=args.overwrite, is_main=accelerator.is_main_process,
+        )  # fmt: skip
         with accelerator.main_process_first():
             data = load_image_data(args.dataset, image_column=args.image_column, label_column=args.label_column)
-    except ValueError as exc:
+    except (ValueError, CheckpointError) as exc:
         args.parser.error(str(exc))
     augment = Augment(data.mean, data.std)
     # A generator of its own: starting an epoch must not draw from the global RNG, or a resume
@@ -247,29 +219,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             balance=args.balance,
             example_inputs=example if args.balance == "time" else None,
             diagnostics_every=args.diagnostics_every,
+            timeout=args.timeout,
         )
     except ValueError as exc:
         args.parser.error(str(exc))
+    replay_model = model  # the wrapper (accelerator.unwrap_model gives the ResNet it wraps)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     optimizer = ReplayOptimizer(optimizer, model, grad_scaler=accelerator.scaler)  # <- replay_opt: line 2
-    model, optimizer = accelerator.prepare(model, optimizer)
-    replay_model = accelerator.unwrap_model(model)
-    replicas = 1 if replay_model.layout is None else replay_model.layout.replicas
-    if replay_model.layout is None:
-        train_loader, test_loader = accelerator.prepare(train_loader, test_loader)
-    else:  # <- replay_opt: the ranks of one pipeline share batches; shard over replicas only
-        train_loader = replay_model.prepare_data_loader(train_loader)
-        test_loader = replay_model.prepare_data_loader(test_loader, even_batches=False)
-    steps_per_epoch = len(train_loader)
-    # Stepped once per optimizer step (Accelerate's prepared scheduler would step once per process).
+    # Milestones count single-process steps: a prepared scheduler steps once per data-parallel process.
+    steps_per_epoch_alone = len(train_loader)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=[m * steps_per_epoch for m in args.milestones], gamma=args.gamma
+        optimizer, milestones=[m * steps_per_epoch_alone for m in args.milestones], gamma=args.gamma
     )
+    model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, test_loader, scheduler
+    )
+    steps_per_epoch = len(train_loader)
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
-    accelerator.register_for_checkpointing(scheduler)
     if args.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+        try:
+            checkpoint = resolve(args.resume_from_checkpoint, output_dir / "checkpoints")
+        except CheckpointError as exc:
+            args.parser.error(str(exc))
         accelerator.load_state(str(checkpoint))
         accelerator.print(f"resumed from {checkpoint} at epoch {progress.epoch}, step {progress.global_step}")
 
@@ -295,9 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batches = train_loader
         if progress.step_in_epoch:
             batches = accelerator.skip_first_batches(train_loader, progress.step_in_epoch)
-        loss_sum = torch.zeros((), device=accelerator.device)
-        correct = torch.zeros((), device=accelerator.device)
-        seen, start, held = 0, time.perf_counter(), None
+        sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, correct, seen
+        start, held = time.perf_counter(), None
         bar = tqdm(
             total=steps_per_epoch,
             initial=progress.step_in_epoch,
@@ -329,14 +300,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if last_step:
                 held = replay_model.memory_report()
                 replay_model.track_memory = False
-            loss_sum += loss.detach().float() * len(y)
-            correct += (out.detach().argmax(1) == y).sum()
-            seen += len(y)
+            sums += torch.stack(
+                [loss.detach() * len(y), (out.detach().argmax(1) == y).sum(), y.new_tensor(len(y))]
+            ).double()
             progress.step_in_epoch += 1
             progress.global_step += 1
             bar.update()
             if progress.global_step % args.log_every == 0:
-                step_loss = replay_model.sum_over_last_modules(loss.detach().float()).item() / replicas
+                step_loss = accelerator.reduce(loss.detach().float(), "mean").item()  # the last module's loss
                 loss_log.append((progress.global_step, step_loss))
                 bar.set_postfix(loss=f"{step_loss:.3f}")
                 lr = optimizer.param_groups[0]["lr"]
@@ -349,12 +320,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         epoch_finished = progress.step_in_epoch >= steps_per_epoch
         if epoch_finished:
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
-        seen = replay_model.sum_over_last_modules(torch.tensor(float(seen))).item()
-        loss_sum, correct = (replay_model.sum_over_last_modules(t) for t in (loss_sum, correct))
+        loss_sum, correct, seen = accelerator.reduce(sums, "sum").tolist()  # one collective
         metrics: dict[str, float] = {
             "epoch": epoch + 1,
-            "train/epoch_loss": loss_sum.item() / max(seen, 1),
-            "train/epoch_acc": correct.item() / max(seen, 1),
+            "train/epoch_loss": loss_sum / max(seen, 1),
+            "train/epoch_acc": correct / max(seen, 1),
             "perf/samples_per_s": seen / elapsed,
             "perf/epoch_time_s": elapsed,
             **peak_memory_mb(replay_model.devices),
@@ -382,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             + f"  {metrics['perf/samples_per_s']:.0f} samples/s  {elapsed:.1f} s"
         )
-        save_checkpoint(accelerator, output_dir / "checkpoints", progress.global_step, args.keep_checkpoints)
+        checkpoints.save(accelerator, progress.global_step)
 
     results = {
         "model": args.model,
@@ -405,15 +375,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"| {args.model} | {args.dataset} | {args.method.upper()} | {replay_model.num_modules} "
         f"| {results['best_test_error']:.2f} | {results['final_test_error']:.2f} |"
     )
-    accelerator.print(
-        f"final test accuracy {100 * progress.last_acc:.2f}% (best {100 * progress.best_acc:.2f}%) "
-        f"after {progress.global_step} steps; results in {output_dir / 'results.json'}"
-    )
+    plot = output_dir / "results.png"
     if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        from recipes.plot_results import plot_runs
+
+        plot_runs([output_dir / "results.json"], plot)
     accelerator.end_training()
-    if note:
-        accelerator.print(note.format(dir=output_dir))
+    where = [
+        f"final test accuracy {100 * progress.last_acc:.2f}% (best {100 * progress.best_acc:.2f}%) "
+        f"after {progress.global_step} steps",
+        f"  results:     {output_dir / 'results.json'}",
+        f"  plot:        {plot}",
+        f"  checkpoints: {output_dir / 'checkpoints'} (latest: {checkpoints.root / 'latest'}; "
+        "resume with --resume-from-checkpoint latest)"
+        if progress.global_step
+        else "",
+    ]
+    if args.report_to == "wandb":
+        where.append(
+            f"  W&B run:     {output_dir / 'wandb'}"
+            + (f" -- {note.split(';')[1].strip().format(dir=output_dir)}" if note else "")
+        )
+    accelerator.print("\n".join(line for line in where if line))
     return results
 
 

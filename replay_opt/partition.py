@@ -298,7 +298,9 @@ class Partition:
             if self.tracer == "fx":
                 raise
             return
-        self._capture(call, True, call.key(True), graph)
+        program = self._capture(call, True, call.key(True), graph)
+        names = [p.name for p in self.signature.parameters.values()][: len(args)]
+        program.name = f"train: {', '.join(names)} (at construction)"
 
     # ----------------------------------------------------------------------- description
 

@@ -73,7 +73,7 @@ def run(
     timeout: float = 60.0,
     train_size: int = 100,
     shuffle: bool = True,
-    save_pretrained_dir: str | None = None,
+    end_training: bool = True,
 ) -> dict[str, Any]:
     accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision, gradient_accumulation_steps=accumulation)
     set_seed(0)
@@ -154,7 +154,8 @@ def run(
         accelerator.save_model(model, os.path.join(save_dir, "model"))
     unwrapped = accelerator.unwrap_model(model)
     weights = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
-    accelerator.end_training()
+    if end_training:
+        accelerator.end_training()
     return {
         "logged": logged,
         "lrs": lrs,
@@ -165,3 +166,10 @@ def run(
         "dtypes": sorted(dtypes),
         "main": accelerator.is_main_process,
     }
+
+
+if __name__ == "__main__":  # `accelerate launch tests/accelerate_script.py`: the script as users run it
+    import sys
+
+    result = run(end_training="--no-end-training" not in sys.argv)
+    print(f"logged {len(result['logged'])} losses, accuracy {result['accuracy']:.3f}")

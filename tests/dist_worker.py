@@ -1,9 +1,10 @@
 """One rank of a multi-process training run, for tests/test_distributed.py.
 
-Launched as W processes with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set (what torchrun and
-accelerate launch set).  Trains the deep MLP of the tests with one process per module, D = W / K
-data-parallel replicas, replica d taking batch t*D + d at step t.  Writes the full trained state
-(collected from every rank) to OUT/final.pt, and optionally a checkpoint at --save-at.
+``train`` runs in every process of a ``tests/cluster.py`` cluster (or, with ``main``, of W processes
+started the way torchrun starts them).  It trains the deep MLP of the tests with one process per
+module, D = W / K data-parallel replicas, replica d taking batch t*D + d at step t, and returns the
+full trained state (collected from every rank) and the logged losses; optionally it writes a
+checkpoint at ``save_at``.
 """
 
 from __future__ import annotations
@@ -34,51 +35,63 @@ def main() -> None:
     p.add_argument("--method", default="fr")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--save-at", type=int, default=None)
-    p.add_argument("--resume", type=Path, default=None)
     p.add_argument("--die-rank", type=int, default=None)
     p.add_argument("--die-at", type=int, default=None)
     p.add_argument("--timeout", type=float, default=60)
     args = p.parse_args()
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    replicas = world // args.modules
+    train(args.modules, args.method, args.steps, args.out, die_rank=args.die_rank, die_at=args.die_at,
+          timeout=args.timeout)  # fmt: skip
+    dist.destroy_process_group()
 
+
+def train(
+    modules: int,
+    method: str = "fr",
+    steps: int = 8,
+    out: Path | None = None,
+    save_at: int | None = None,
+    resume: Path | None = None,
+    die_rank: int | None = None,
+    die_at: int | None = None,
+    timeout: float = 60,
+) -> dict:
+    """One rank's training; returns the full trained state (collected from every rank) and the logged losses."""
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = mlp(depth=6)
+    # Under torchrun's environment with no process group yet, the wrapper starts one itself.
     wrapper = ReplayModelWrapper(
-        model, split_points=SPLITS[args.modules] or None, num_modules=args.modules, method=args.method,
-        timeout=args.timeout,
-    )  # fmt: skip
+        model, split_points=SPLITS[modules] or None, num_modules=modules, method=method, timeout=timeout
+    )
+    rank, world = dist.get_rank(), dist.get_world_size()
+    replicas = world // modules
     opt = ReplayOptimizer(torch.optim.SGD(wrapper.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4), wrapper)
     start = 0
-    if args.resume is not None:
-        saved = torch.load(args.resume, weights_only=False)
+    if resume is not None:
+        saved = torch.load(resume, weights_only=False)
         wrapper.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         start = saved["step"]
-    data = batches(args.steps * replicas, last=5)  # the very last batch is smaller
+    data = batches(steps * replicas, last=5)  # the very last batch is smaller
     losses = []
-    for t in range(start, args.steps):
+    for t in range(start, steps):
         x, y = data[t * replicas + wrapper.layout.replica]
         loss = F.cross_entropy(wrapper(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(float(wrapper.sum_over_last_modules(loss.detach())) / replicas)
-        if args.die_rank == rank and args.die_at == t:
+        if die_rank == rank and die_at == t:
             os.kill(os.getpid(), signal.SIGKILL)
-        if args.save_at == t + 1:
+        if save_at == t + 1:
             state = {"model": wrapper.state_dict(), "opt": opt.state_dict(), "step": t + 1}
-            if rank == 0:
-                torch.save(state, args.out / "checkpoint.pt")
+            if rank == 0 and out is not None:
+                torch.save(state, out / "checkpoint.pt")
             dist.barrier()
     state = wrapper.state_dict()
-    if rank == 0:
-        torch.save({"model": state, "losses": losses}, args.out / "final.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    wrapper._pipeline.close()
+    return {"model": state, "losses": losses}
 
 
 if __name__ == "__main__":

@@ -126,3 +126,20 @@ def test_a_hung_rank_is_reported_within_the_timeout(cluster):
                        r"accelerator.wait_for_everyone\(\): rank 1 sent nothing -- it is stuck"):
         cluster.run("accelerate_script:run", hang_rank=1, timeout=5.0, epochs=1)
     assert time.monotonic() - start < 60
+
+
+def test_a_script_that_ends_without_end_training_exits_cleanly():
+    """Every rank leaves together and releases the process group at exit (no abort in interpreter teardown)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
+    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(here), str(here.parent)]))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", "0", str(here / "accelerate_script.py"), "--no-end-training"]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "terminate called" not in r.stderr and "logged 26 losses" in r.stdout

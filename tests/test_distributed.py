@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cluster import Cluster, TaskFailed
 from conftest import batches, mlp
 
 from replay_opt import ReplayModelWrapper, ReplayOptimizer
@@ -88,31 +89,37 @@ def assert_same(model: torch.nn.Module, state: dict[str, torch.Tensor], atol: fl
         torch.testing.assert_close(state[key], value, rtol=0, atol=atol, msg=key)
 
 
+@pytest.fixture(scope="module")
+def clusters():
+    started: dict[int, Cluster] = {}
+
+    def get(world: int) -> Cluster:
+        if world not in started:
+            started[world] = Cluster(world)
+        return started[world]
+
+    yield get
+    for c in started.values():
+        c.close()
+
+
 @pytest.mark.parametrize(("world", "k", "method"), [(2, 2, "fr"), (4, 2, "fr"), (3, 3, "ddg"), (2, 1, "dni")])
-def test_matches_the_single_process_engine(tmp_path, world, k, method):
+def test_matches_the_single_process_engine(clusters, world, k, method):
     steps = 8
-    results = launch(world, "--modules", str(k), "--method", method, "--steps", str(steps), "--out", str(tmp_path))
-    for r in results:
-        assert r.returncode == 0, r.stderr[-3000:]
-    assert "pipeline layout" in results[0].stdout
-    final = torch.load(tmp_path / "final.pt", weights_only=False)
+    ranks = clusters(world).run("dist_worker:train", modules=k, method=method, steps=steps)
     reference, losses = single_process(k, world // k, steps, method)
-    assert_same(reference, final["model"])
-    assert final["losses"] == pytest.approx(losses, abs=1e-5)  # the last module's loss, on rank 0
+    for rank in ranks:  # every rank's state dict holds every module's trained weights
+        assert_same(reference, rank["model"])
+    assert ranks[0]["losses"] == pytest.approx(losses, abs=1e-5)  # the last module's loss, on rank 0
 
 
-def test_checkpoint_and_resume_across_processes(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    straight = launch(4, "--modules", "2", "--steps", "9", "--out", str(tmp_path / "a"))
-    assert all(r.returncode == 0 for r in straight), straight[0].stderr[-3000:]
-    first = launch(4, "--modules", "2", "--steps", "9", "--save-at", "4", "--out", str(tmp_path / "b"))
-    assert all(r.returncode == 0 for r in first), first[0].stderr[-3000:]
-    resumed = launch(4, "--modules", "2", "--steps", "9", "--resume", str(tmp_path / "b" / "checkpoint.pt"),
-                     "--out", str(tmp_path / "b"))  # fmt: skip
-    assert all(r.returncode == 0 for r in resumed), resumed[0].stderr[-3000:]
-    a = torch.load(tmp_path / "a" / "final.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "b" / "final.pt", weights_only=False)["model"]
+@pytest.mark.slow
+def test_checkpoint_and_resume_across_processes(clusters, tmp_path):
+    cluster = clusters(4)
+    straight = cluster.run("dist_worker:train", modules=2, steps=9)
+    cluster.run("dist_worker:train", modules=2, steps=9, save_at=4, out=tmp_path)
+    resumed = cluster.run("dist_worker:train", modules=2, steps=9, resume=tmp_path / "checkpoint.pt")
+    a, b = straight[0]["model"], resumed[0]["model"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
@@ -132,7 +139,6 @@ def test_a_killed_rank_stops_the_others_with_a_clear_error(tmp_path):
     assert elapsed < 60
 
 
-def test_world_size_not_divisible_is_a_clear_error(tmp_path):
-    results = launch(3, "--modules", "2", "--out", str(tmp_path), timeout=60)
-    assert all(r.returncode != 0 for r in results)
-    assert "not divisible by num_modules=2" in results[0].stderr
+def test_world_size_not_divisible_is_a_clear_error(clusters):
+    with pytest.raises(TaskFailed, match="not divisible by num_modules=2"):
+        clusters(3).run("dist_worker:train", modules=2)

@@ -332,3 +332,41 @@ def test_an_untraceable_model_gets_an_error_whose_fix_works():
     wrapper = ReplayModelWrapper(model, split_points=["body", "head"], method="bp")
     torch.testing.assert_close(wrapper(torch.randn(4, 8)).shape, torch.Size([4, 4]))
     assert wrapper._partition.programs()[0].graph.tracer == "fx"
+
+
+# --------------------------------------------------------------------------- torchvision and timm, bit for bit
+
+TORCHVISION = ["resnet18", "resnet50", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x0_5",
+               "squeezenet1_0", "regnet_y_400mf", "mnasnet0_5", "efficientnet_b0", "densenet121", "googlenet",
+               "convnext_tiny", "swin_t"]  # fmt: skip
+TIMM = ["resnet18", "vit_tiny_patch16_224", "deit_tiny_patch16_224", "convnext_atto", "efficientnet_b0",
+        "mobilenetv3_small_050"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [f"torchvision:{n}" for n in TORCHVISION] + [f"timm:{n}" for n in TIMM])
+def test_vision_models_with_bp_match_plain_autograd_bit_for_bit(name):
+    source, arch = name.split(":")
+    torch.manual_seed(0)
+    if source == "torchvision":
+        tv = pytest.importorskip("torchvision")
+        extra = {"aux_logits": False, "init_weights": False} if arch == "googlenet" else {}
+        base = tv.models.get_model(arch, num_classes=10, **extra)
+    else:
+        timm = pytest.importorskip("timm")
+        base = timm.create_model(arch, num_classes=10, **({"img_size": 32} if "224" in arch else {}))
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    reference = copy.deepcopy(base)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    torch.manual_seed(1)
+    F.cross_entropy(reference(x), y).backward()
+    opt.step()
+    for k in (1, 2, 4):
+        model = copy.deepcopy(base)
+        wrapper = ReplayModelWrapper(model, num_modules=k, method="bp")
+        ropt = ReplayOptimizer(torch.optim.SGD(wrapper.parameters(), lr=0.1), wrapper)
+        torch.manual_seed(1)
+        F.cross_entropy(wrapper(x), y).backward()
+        ropt.step()
+        for (key, a), b in zip(model.named_parameters(), reference.parameters()):
+            assert torch.equal(a, b), f"K={k} {key}"

@@ -1,4 +1,9 @@
-"""End to end through the real `accelerate launch`: digits, local `datasets` files, W&B offline, resume."""
+"""The ResNet recipe end to end: digits, local `datasets` files, W&B offline, checkpoints, resume.
+
+Most runs call ``recipes.resnet_cifar.main`` in this process (the code `accelerate launch` runs,
+without starting an interpreter); two go through the real `accelerate launch` (one process, and
+two processes with gloo), and the multi-process resume runs in ``tests/cluster.py`` processes.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 
 datasets = pytest.importorskip("datasets")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -20,16 +26,33 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "resnet_cifar.py"
 sys.path.insert(0, str(ROOT))
 from recipes.data import load_image_data  # noqa: E402
+from recipes.resnet_cifar import main  # noqa: E402
+
+SMALL = ["--dataset", "digits", "--model", "resnet8", "--batch-size", "64", "--lr", "0.05", "--log-every", "4",
+         "--report-to", "none"]  # fmt: skip
 
 
-def launch(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run(*args: str) -> dict:
+    """The recipe in this process, as `accelerate launch` would run it in one."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        return main([*args])
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def launch(*args: str, processes: int = 1, env: dict[str, str] | None = None, timeout: int = 300):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
-    full_env.update({"OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}, **(env or {}))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", str(RECIPE), *args]
+    full_env.update({"OMP_NUM_THREADS": "1" if processes > 1 else "2", "PYTHONUNBUFFERED": "1"}, **(env or {}))
+    if processes > 1:  # the documented way on CPU
+        full_env["ACCELERATE_USE_CPU"] = "1"
+        flags = ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0"]
+    else:
+        flags = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, str(RECIPE), *args]
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-SMALL = ["--model", "resnet8", "--batch-size", "64", "--lr", "0.05", "--log-every", "4"]
 
 
 def final_state(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -37,11 +60,18 @@ def final_state(output_dir: Path) -> dict[str, torch.Tensor]:
     return safetensors_torch.load_file(latest / "model.safetensors")
 
 
-def test_digits_learns_logs_to_wandb_offline_and_checkpoints(tmp_path):
+def assert_same_weights(a: Path, b: Path) -> None:
+    x, y = final_state(a), final_state(b)
+    assert x.keys() == y.keys()
+    for k in x:
+        assert torch.equal(x[k], y[k]), k
+
+
+@pytest.mark.slow
+def test_the_launcher_trains_digits_logs_to_wandb_offline_and_checkpoints(tmp_path):
     out = tmp_path / "run"
-    r = launch("--dataset", "digits", *SMALL, "--modules", "2", "--epochs", "3", "--max-steps", "40",
-               "--diagnostics-every", "10", "--output-dir", str(out), "--report-to", "wandb",
-               env={"HOME": str(tmp_path)})  # fmt: skip
+    r = launch(*SMALL[:-2], "--modules", "2", "--epochs", "3", "--max-steps", "40", "--diagnostics-every", "10",
+               "--output-dir", str(out), "--report-to", "wandb", env={"HOME": str(tmp_path)})  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     losses = [loss for _, loss in results["train_loss_log"]]
@@ -54,25 +84,20 @@ def test_digits_learns_logs_to_wandb_offline_and_checkpoints(tmp_path):
     assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "a W&B offline run directory"
     assert "wandb sync" in r.stdout + r.stderr
     assert "| resnet8 | digits | FR | 2 |" in r.stdout
-    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
-    assert checkpoints == ["step_00000023", "step_00000040"]  # 23 steps per epoch; the last at --max-steps
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000023", "step_00000040"]
     assert (out / "checkpoints" / "latest").read_text() == "step_00000040"
+    for where in ("results.json", "results.png", "checkpoints", "wandb"):
+        assert str(out / where) in r.stdout  # the end of the run says where everything is
+    assert (out / "results.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("stop_at", [23, 9])  # an epoch boundary, and mid-epoch
 def test_resume_continues_exactly(tmp_path, stop_at):
-    common = ["--dataset", "digits", *SMALL, "--modules", "3", "--epochs", "2", "--report-to", "none"]
-    straight = launch(*common, "--output-dir", str(tmp_path / "straight"))
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    first = launch(*common, "--output-dir", str(tmp_path / "resumed"), "--max-steps", str(stop_at))
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = launch(*common, "--output-dir", str(tmp_path / "resumed"), "--resume-from-checkpoint", "latest")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert f"resumed from {tmp_path / 'resumed' / 'checkpoints'}" in second.stdout
-    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    common = [*SMALL, "--modules", "3", "--epochs", "2"]
+    run(*common, "--output-dir", str(tmp_path / "straight"))
+    run(*common, "--output-dir", str(tmp_path / "resumed"), "--max-steps", str(stop_at))
+    run(*common, "--output-dir", str(tmp_path / "resumed"), "--resume-from-checkpoint", "latest")
+    assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
 
 
 def tiny_image_dataset(rows: int, seed: int):
@@ -117,10 +142,8 @@ def test_local_datasets_decode_exactly(local_data, form):
 
 def test_recipe_on_a_local_dataset(local_data, tmp_path):
     root, _, _ = local_data
-    r = launch("--dataset", str(root / "parquet"), "--model", "resnet8", "--batch-size", "32", "--epochs", "2",
-               "--method", "bp", "--modules", "2", "--output-dir", str(tmp_path), "--report-to", "none")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = run("--dataset", str(root / "parquet"), "--model", "resnet8", "--batch-size", "32", "--epochs", "2",
+                  "--method", "bp", "--modules", "2", "--output-dir", str(tmp_path), "--report-to", "none")  # fmt: skip
     assert results["steps"] == 6 and len(results["history"]) == 2
 
 
@@ -128,20 +151,19 @@ def test_recipe_on_a_local_dataset(local_data, tmp_path):
     ("dataset", "message"),
     [("/nonexistent/cifar", "no saved dataset or parquet files"), ("uoft-cs/cifar10", "not reachable and not cached")],
 )
-def test_bad_or_unreachable_dataset_fails_fast_naming_the_fix(tmp_path, dataset, message):
+def test_bad_or_unreachable_dataset_fails_fast_naming_the_fix(tmp_path, capsys, dataset, message):
     start = time.monotonic()
-    r = launch("--dataset", dataset, "--output-dir", str(tmp_path), "--report-to", "none", timeout=120)
-    assert r.returncode != 0
-    assert message in r.stderr and "--dataset digits" in r.stderr
-    assert time.monotonic() - start < 60
+    with pytest.raises(SystemExit):
+        run("--dataset", dataset, "--output-dir", str(tmp_path), "--report-to", "none")
+    err = capsys.readouterr().err
+    assert message in err and "--dataset digits" in err
+    assert time.monotonic() - start < 30
 
 
 @pytest.mark.parametrize("method", ["ddg", "dni", "dgl"])
 def test_baselines_run_and_log_memory(tmp_path, method):
-    r = launch("--dataset", "digits", *SMALL, "--method", method, "--modules", "3", "--max-steps", "4",
-               "--output-dir", str(tmp_path), "--report-to", "none")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    epoch = json.loads((tmp_path / "results.json").read_text())["history"][-1]
+    results = run(*SMALL, "--method", method, "--modules", "3", "--max-steps", "4", "--output-dir", str(tmp_path))
+    epoch = results["history"][-1]
     assert epoch["memory/held_for_backward_mb"] > 0
     assert sum(epoch[f"memory/module{k}_held_mb"] for k in (1, 2, 3)) == pytest.approx(
         epoch["memory/held_for_backward_mb"]
@@ -150,28 +172,80 @@ def test_baselines_run_and_log_memory(tmp_path, method):
         assert epoch["memory/retained_graphs_mb"] > 0
 
 
-def launch_processes(n: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`accelerate launch` with n gloo processes on CPU, the documented way."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
-    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n), str(RECIPE)]
-    return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+# --------------------------------------------------------------------------- checkpoints
 
 
+def test_a_new_run_never_mixes_with_another_runs_checkpoints(tmp_path, capsys):
+    out = str(tmp_path)
+    run(*SMALL, "--modules", "2", "--epochs", "2", "--keep-checkpoints", "1", "--output-dir", out)  # step_46
+    with pytest.raises(SystemExit):  # a new run here would prune the older run's higher-numbered checkpoints
+        run(*SMALL, "--modules", "2", "--max-steps", "5", "--output-dir", out)
+    err = capsys.readouterr().err
+    assert "holds checkpoints of another run" in err and "--overwrite" in err and "--resume-from-checkpoint" in err
+    run(*SMALL, "--modules", "2", "--epochs", "2", "--max-steps", "30", "--keep-checkpoints", "1",
+        "--output-dir", out, "--overwrite")  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000030"]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000030"
+
+
+def test_pruning_keeps_this_runs_newest_by_step_number(tmp_path):
+    from recipes.checkpoints import checkpoints_in
+
+    run(*SMALL, "--modules", "2", "--epochs", "3", "--eval-every", "0", "--keep-checkpoints", "2",
+        "--output-dir", str(tmp_path))  # fmt: skip
+    assert [p.name for p in checkpoints_in(tmp_path / "checkpoints")] == ["step_00000046", "step_00000069"]
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated"])
+def test_a_damaged_checkpoint_is_detected_naming_the_last_good_one(tmp_path, capsys, damage):
+    out = str(tmp_path)
+    run(*SMALL, "--modules", "2", "--epochs", "2", "--keep-checkpoints", "2", "--output-dir", out)
+    weights = tmp_path / "checkpoints" / "step_00000046" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "random bytes":
+        data[len(data) // 2 : len(data) // 2 + 8] = os.urandom(8)
+        weights.write_bytes(bytes(data))
+    else:
+        weights.write_bytes(bytes(data[: len(data) // 3]))
+    with pytest.raises(SystemExit):
+        run(*SMALL, "--modules", "2", "--epochs", "3", "--output-dir", out, "--resume-from-checkpoint", "latest")
+    err = capsys.readouterr().err
+    expected = "does not match its checksum" if damage == "random bytes" else "truncated or extended"
+    assert "step_00000046 is damaged: model.safetensors" in err and expected in err
+    assert "the newest intact earlier checkpoint is" in err and "step_00000023" in err
+
+
+# --------------------------------------------------------------------------- one process per module
+
+
+@pytest.mark.slow
 def test_one_process_per_module_trains_and_resumes_exactly(tmp_path):
-    common = ["--dataset", "digits", *SMALL, "--modules", "2", "--epochs", "2", "--report-to", "none"]
-    straight = launch_processes(2, *common, "--max-steps", "30", "--output-dir", str(tmp_path / "straight"))
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    assert "replica 0: module 1: rank 0, module 2: rank 1" in straight.stdout
-    results = json.loads((tmp_path / "straight" / "results.json").read_text())
-    losses = [loss for _, loss in results["train_loss_log"]]  # the last module's loss, logged by rank 0
-    assert np.mean(losses[-2:]) < np.mean(losses[:2]) and results["steps"] == 30
-    assert 0 < results["final_test_error"] < 100
-    first = launch_processes(2, *common, "--max-steps", "12", "--output-dir", str(tmp_path / "resumed"))
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = launch_processes(2, *common, "--max-steps", "30", "--output-dir", str(tmp_path / "resumed"),
-                              "--resume-from-checkpoint", "latest")  # fmt: skip
-    assert second.returncode == 0, second.stderr[-3000:]
-    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    from cluster import Cluster
+
+    common = [*SMALL, "--modules", "2", "--epochs", "2"]
+    cluster = Cluster(2, env={"ACCELERATE_USE_CPU": "1"})
+    try:
+        straight = cluster.run("recipes.resnet_cifar:main", argv=[*common, "--max-steps", "30", "--output-dir",
+                                                                   str(tmp_path / "straight")])  # fmt: skip
+        cluster.run("recipes.resnet_cifar:main", argv=[*common, "--max-steps", "12", "--output-dir",
+                                                        str(tmp_path / "resumed")])  # fmt: skip
+        cluster.run("recipes.resnet_cifar:main", argv=[*common, "--max-steps", "30", "--output-dir",
+                                                        str(tmp_path / "resumed"), "--resume-from-checkpoint", "latest"])
+    finally:
+        cluster.close()
+    losses = [loss for _, loss in straight[0]["train_loss_log"]]  # the last module's loss, logged by rank 0
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]) and straight[0]["steps"] == 30
+    for h0, h1 in zip(straight[0]["history"], straight[1]["history"]):  # every rank reports the last module's metrics
+        assert {k: v for k, v in h0.items() if k.startswith(("train/", "test/"))} == {
+            k: v for k, v in h1.items() if k.startswith(("train/", "test/"))}  # fmt: skip
+    assert 0 < straight[0]["final_test_error"] < 100
+    assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
+
+
+@pytest.mark.slow
+def test_the_launcher_runs_one_process_per_module(tmp_path):
+    r = launch(*SMALL, "--modules", "2", "--max-steps", "6", "--output-dir", str(tmp_path), processes=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "replica 0: module 1: rank 1, module 2: rank 0" in r.stdout
+    assert "terminate called" not in r.stderr
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 6
