@@ -434,11 +434,15 @@ def _bits_float(x: int) -> float:
 
 
 def fingerprint(tensors: Sequence[Any]) -> float:
-    """A number that differs, almost surely, between two different batches (position-weighted sum)."""
+    """A number that differs, almost surely, between two different batches (position-weighted sum).
+
+    Only integer inputs count (token ids, labels, masks): floating inputs may be augmented on each
+    rank with its own random draws, and only module 1 uses them.
+    """
     total = 0.0
     for i, t in enumerate(tensors):
-        if isinstance(t, torch.Tensor) and t.numel():
+        if isinstance(t, torch.Tensor) and t.numel() and not (t.is_floating_point() or t.is_complex()):
             flat = t.detach().reshape(-1).to("cpu", torch.float64)
             weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64).remainder_(9973).add_(i + 1)
             total += float((flat * weights).sum())
-    return total if total != 0.0 else 1.0
+    return total
