@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -84,7 +85,7 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="digits")
     p.add_argument("--model", default="resnet8")
@@ -98,7 +99,11 @@ def main() -> None:
     p.add_argument("--target", type=float, default=0.9, help="test accuracy for time-to-accuracy")
     p.add_argument("--out", type=Path, default=Path("bench/results/accuracy"))
     p.add_argument("--from-json", type=Path, default=None, help="re-tabulate saved runs (e.g. for another --target)")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.from_json is not None:
         runs = json.loads(args.from_json.read_text())["runs"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +35,18 @@ def held_for_backward(model_name: str, method: str, k: int, batch: int, device: 
     return wrapper.memory_report()
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet56")
     p.add_argument("--modules", type=int, nargs="+", default=[2, 4])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write the rows to this file")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     rows = []
     header = ["model", "K", "method", "held for backward (MiB)", "ratio to BP"]
     header += ["activations", "retained graphs", "history", "stale gradients"]

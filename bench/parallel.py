@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +81,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet20")
     p.add_argument("--batch-size", type=int, default=64)
@@ -93,7 +94,11 @@ def main() -> None:
     p.add_argument("--method", default="fr", help=argparse.SUPPRESS)
     p.add_argument("--modules", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--split-points", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     if args.worker:
         worker(args)
         return

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Sequence
 
 import torch
 
@@ -23,7 +24,7 @@ from replay_opt import ReplayModelWrapper
 from replay_opt.plan import Link, best_fr_cut, profile, simulate
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet20")
     p.add_argument("--batch-size", type=int, default=64)
@@ -33,7 +34,11 @@ def main() -> None:
     p.add_argument("--bandwidth", type=float, default=2e9, help="gloo over loopback, bytes/s")
     p.add_argument("--latency", type=float, default=1e-4)
     p.add_argument("--json", default=None)
-    args = p.parse_args()
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build_model(args.model, 10)

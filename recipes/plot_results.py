@@ -15,12 +15,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", type=Path, help="results.json files written by resnet_cifar.py")
     p.add_argument("-o", "--output", type=Path, default=Path("runs.png"))
     p.add_argument("--sigma", action="store_true", help="plot the diagnostics (sigma per module) instead")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     if args.sigma:
         plot_sigma(args)
         return

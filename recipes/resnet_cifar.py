@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         accelerator.load_state(str(checkpoint))
         accelerator.print(f"resumed from {checkpoint} at epoch {progress.epoch}, step {progress.global_step}")
 
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)  # W&B's `dir` must exist (else it warns about a git root)
     run_name = f"{args.method}-K{args.modules}-{args.model.replace(':', '-')}-{Path(args.dataset).name}-s{args.seed}"
     config = {k: v for k, v in vars(args).items() if k != "parser"}
     config.update(
@@ -261,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     history: list[dict[str, float]] = []  # per-epoch metrics of this run
     loss_log: list[tuple[int, float]] = []  # (step, loss) every --log-every steps
     done = progress.global_step >= max_steps
+    bn_note_shown = False
     while progress.epoch < args.epochs and not done:
         epoch = progress.epoch
         train_loader.set_epoch(epoch)
@@ -352,6 +355,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             + f"  {metrics['perf/samples_per_s']:.0f} samples/s  {elapsed:.1f} s"
         )
+        if "test/loss" in metrics and metrics["test/loss"] > 3 * metrics["train/epoch_loss"] and not bn_note_shown:
+            bn_note_shown = True
+            accelerator.print(
+                "  (a test loss far above the training loss early in training is BatchNorm's running statistics "
+                "lagging weights that still move fast: evaluation normalises with them, training with each batch's "
+                "own. It settles as the learning rate drops; see docs/recipes.md, \"Early test loss\".)"
+            )
         checkpoints.save(accelerator, progress.global_step)
 
     results = {

@@ -27,13 +27,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from .balance import UnitProfile, profile
 from .units import min_max_cut
@@ -121,7 +119,7 @@ def recommend(
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Predict multi-device step times and recommend K and split points.")
     p.add_argument("--model", default="resnet110", help="a recipes model name (resnet20, ...) or torchvision:NAME")
     p.add_argument("--num-classes", type=int, default=10)
@@ -133,7 +131,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--microbatches", type=int, default=4, help="GPipe micro-batches")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="write the profile and the table here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     from recipes.models import build_model  # the CLI runs from the repository root
 
     model = build_model(args.model, args.num_classes).to(args.device)

@@ -96,3 +96,23 @@ def train(
 
 if __name__ == "__main__":
     main()
+
+
+def train_tied(steps: int = 6, method: str = "fr") -> dict:
+    """The tied embedding <-> head model of tests/test_models.py, K=2: module 1 and module 2 share W."""
+    from test_models import TiedLM
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = TiedLM()
+    wrapper = ReplayModelWrapper(model, split_points=["mlp"], method=method, timeout=60)
+    opt = ReplayOptimizer(torch.optim.SGD(wrapper.parameters(), lr=0.5, momentum=0.9), wrapper)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 12, (5,), generator=g), torch.randint(0, 12, (5,), generator=g)) for _ in range(steps)]
+    for x, y in data:
+        F.cross_entropy(wrapper(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    state = wrapper.state_dict()
+    wrapper._pipeline.close()
+    return {"model": state, "embed": model.embed.weight.detach().clone(), "head": model.head.weight.detach().clone()}

@@ -142,3 +142,25 @@ def test_a_killed_rank_stops_the_others_with_a_clear_error(tmp_path):
 def test_world_size_not_divisible_is_a_clear_error(clusters):
     with pytest.raises(TaskFailed, match="not divisible by num_modules=2"):
         clusters(3).run("dist_worker:train", modules=2)
+
+
+def test_tied_weights_across_processes_equal_one_process(clusters):
+    """W shared by module 1 (embedding, rank 1) and module 2 (head, rank 0): both copies get the sum of both
+    modules' gradients and stay identical, as in one process (itself checked against a hand-written reference)."""
+    from test_models import TiedLM
+
+    ranks = clusters(2).run("dist_worker:train_tied", steps=6)
+    torch.manual_seed(0)
+    model = TiedLM()
+    wrapper = ReplayModelWrapper(model, split_points=["mlp"])
+    opt = ReplayOptimizer(torch.optim.SGD(wrapper.parameters(), lr=0.5, momentum=0.9), wrapper)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        x, y = torch.randint(0, 12, (5,), generator=g), torch.randint(0, 12, (5,), generator=g)
+        F.cross_entropy(wrapper(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    for rank in ranks:
+        torch.testing.assert_close(rank["embed"], model.embed.weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(rank["head"], model.embed.weight, rtol=0, atol=1e-6)
+    assert_same(model, ranks[0]["model"], atol=1e-6)
