@@ -95,8 +95,8 @@ class Cluster:
                         w.process.send_signal(signal.SIGUSR1)
                     time.sleep(1)
         if errors:
-            # A rank that failed leaves the others waiting on it: let them fail (a few seconds), then restart.
-            deadline = min(deadline, time.monotonic() + 8)
+            # A rank that failed leaves the others waiting on it: let them report (a few seconds), then restart.
+            deadline = min(deadline, time.monotonic() + 4)
             for rank, worker in enumerate(self.workers):
                 while rank not in results and rank not in errors:
                     if worker.conn.poll(1.0):

@@ -122,9 +122,9 @@ def test_a_hung_rank_is_reported_within_the_timeout(cluster):
     import time
 
     start = time.monotonic()
-    with pytest.raises(TaskFailed, match=r"rank 0 \(module 2\) gave up after 5 s waiting for the others to reach "
+    with pytest.raises(TaskFailed, match=r"rank 0 \(module 2\) gave up after 3 s waiting for the others to reach "
                        r"accelerator.wait_for_everyone\(\): rank 1 sent nothing -- it is stuck"):
-        cluster.run("accelerate_script:run", hang_rank=1, timeout=5.0, epochs=1)
+        cluster.run("accelerate_script:run", hang_rank=1, timeout=3.0, epochs=1)
     assert time.monotonic() - start < 60
 
 

@@ -103,7 +103,11 @@ def clusters():
         c.close()
 
 
-@pytest.mark.parametrize(("world", "k", "method"), [(2, 2, "fr"), (4, 2, "fr"), (3, 3, "ddg"), (2, 1, "dni")])
+@pytest.mark.parametrize(
+    ("world", "k", "method"),
+    [(2, 2, "fr"), pytest.param(4, 2, "fr", marks=pytest.mark.slow), pytest.param(3, 3, "ddg", marks=pytest.mark.slow),
+     (2, 1, "dni")],
+)  # fmt: skip
 def test_matches_the_single_process_engine(clusters, world, k, method):
     steps = 8
     ranks = clusters(world).run("dist_worker:train", modules=k, method=method, steps=steps)
@@ -124,6 +128,7 @@ def test_checkpoint_and_resume_across_processes(clusters, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_a_killed_rank_stops_the_others_with_a_clear_error(tmp_path):
     start = time.monotonic()
     results = launch(3, "--modules", "3", "--steps", "50", "--die-rank", "1", "--die-at", "3", "--timeout", "15",
@@ -139,6 +144,7 @@ def test_a_killed_rank_stops_the_others_with_a_clear_error(tmp_path):
     assert elapsed < 60
 
 
+@pytest.mark.slow
 def test_world_size_not_divisible_is_a_clear_error(clusters):
     with pytest.raises(TaskFailed, match="not divisible by num_modules=2"):
         clusters(3).run("dist_worker:train", modules=2)
