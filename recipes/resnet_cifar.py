@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             accelerator.print(
                 "  (a test loss far above the training loss early in training is BatchNorm's running statistics "
                 "lagging weights that still move fast: evaluation normalises with them, training with each batch's "
-                "own. It settles as the learning rate drops; see docs/recipes.md, \"Early test loss\".)"
+                'own. It settles as the learning rate drops; see docs/recipes.md, "Early test loss".)'
             )
         checkpoints.save(accelerator, progress.global_step)
 

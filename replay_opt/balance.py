@@ -67,7 +67,9 @@ def choose_split_points(
         starts = [sum(counts[:i]) for i in range(1, k)]
         bad = [units[s] for s in starts if not allowed[s]]
         if bad:
-            raise ValueError(f"balance={counts!r} begins a module at {bad}, which runs more than once; shift the counts")
+            raise ValueError(
+                f"balance={counts!r} begins a module at {bad}, which runs more than once; shift the counts"
+            )
     return [units[i] for i in starts]
 
 

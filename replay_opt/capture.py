@@ -147,9 +147,7 @@ class Graph:
 _EXPORTED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, Graph]] = weakref.WeakKeyDictionary()
 
 
-def capture(
-    model: nn.Module, call: Call, training: bool, *, leaves: set[str], tracer: str = "auto"
-) -> Graph:
+def capture(model: nn.Module, call: Call, training: bool, *, leaves: set[str], tracer: str = "auto") -> Graph:
     """Trace ``model`` on ``call`` in train or eval mode.  ``leaves``: submodules fx calls whole."""
     if tracer not in TRACERS:
         raise ValueError(f"capture must be one of {TRACERS}, got {tracer!r}")

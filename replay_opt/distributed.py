@@ -312,8 +312,7 @@ class Transport:
                 )
             else:
                 message = (
-                    f"{me} lost {who} while {doing}: a process has failed or exited -- see its log, the error is "
-                    "there."
+                    f"{me} lost {who} while {doing}: a process has failed or exited -- see its log, the error is there."
                 )
             raise PipelineError(f"{message} ({exc})") from exc
 

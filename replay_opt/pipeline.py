@@ -233,10 +233,15 @@ class Pipeline:
         ]
         norm_type = float(norm_type)
         if norm_type == float("inf"):
-            local = max((g.detach().abs().max().double().cpu() for g in grads), default=torch.zeros((), dtype=torch.float64))
+            local = max(
+                (g.detach().abs().max().double().cpu() for g in grads), default=torch.zeros((), dtype=torch.float64)
+            )
             total = self._pipeline_max(local)
         else:
-            local = sum((g.detach().double().abs().pow(norm_type).sum().cpu() for g in grads), torch.zeros((), dtype=torch.float64))
+            local = sum(
+                (g.detach().double().abs().pow(norm_type).sum().cpu() for g in grads),
+                torch.zeros((), dtype=torch.float64),
+            )
             total = (self.transport.all_reduce(local, "computing the global gradient norm") / self.layout.replicas).pow(
                 1.0 / norm_type
             )
@@ -282,7 +287,7 @@ class Pipeline:
         header = self._header(Kind.SYNC, self._batch, op=op)
         for s in self.layout.peers:
             self.transport.send(s, header)
-        for s, got, values in self._listen(self.layout.peers, f"the others to reach {POINTS[op]}"):
+        for s, got, _ in self._listen(self.layout.peers, f"the others to reach {POINTS[op]}"):
             if got.kind != Kind.SYNC or got.op != op:
                 raise self.transport.mismatch(s, got, OPS[op], mine=OPS[op])
 
@@ -589,4 +594,3 @@ def _close_at_exit(ref: weakref.ref[Pipeline]) -> None:
         pipeline.closed = True
         if dist.is_initialized():
             dist.destroy_process_group()
-

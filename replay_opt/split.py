@@ -222,10 +222,8 @@ def split_graph(graph: Graph, model: nn.Module, split_points: list[str]) -> list
         if not last:
             stage_graph.output(tuple(env[n] for n in alive_at(end)))
         body, root_tensors = _live_module(stage_graph, model, gm)
-        stages.append(
-            StageModule(body, last=last, out_spec=graph.out_spec if last else None, model=model,
-                        root_tensors=root_tensors)  # fmt: skip
-        )
+        out_spec = graph.out_spec if last else None
+        stages.append(StageModule(body, last=last, out_spec=out_spec, model=model, root_tensors=root_tensors))
     return stages
 
 
@@ -242,8 +240,8 @@ def _live_module(graph: fx.Graph, model: nn.Module, captured: fx.GraphModule) ->
     root_tensors = []
     for node in list(graph.nodes):
         if node.op == "call_module":
-            root[node.target] = submodules[node.target] if node.target in submodules else captured.get_submodule(
-                node.target
+            root[node.target] = (
+                submodules[node.target] if node.target in submodules else captured.get_submodule(node.target)
             )
         elif node.op == "get_attr":
             owner, _, attr = str(node.target).rpartition(".")
@@ -319,4 +317,3 @@ def _buffer_updates_to_copies(gm: fx.GraphModule) -> fx.Graph:
             node.args = tuple(args)
     graph.lint()
     return graph
-

@@ -53,7 +53,7 @@ def _height(module: nn.Module) -> int:
 
 
 def _holds_repeated_blocks(module: nn.Module) -> bool:
-    """A container at or below ``module`` has two or more children of one class, each >= 2 levels deep, with parameters."""
+    """A container at or below ``module`` has two or more children of one class, >= 2 levels deep, with parameters."""
     for m in module.modules():
         if isinstance(m, CONTAINERS):
             count: dict[type, int] = {}

@@ -410,7 +410,6 @@ def _resolve_devices(devices: Sequence[DeviceLike] | None, k: int) -> list[torch
     return resolved
 
 
-
 class _FreshStateDict:
     """State-dict hook of the wrapped model with one process per module: the entries of every module come
     from the rank that trains it (collective: every rank must ask together)."""

@@ -86,7 +86,9 @@ def run(
     optimizer = ReplayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model)  # line 2
     rank = accelerator.process_index
     train_set = data(train_size + (8 if extra_batches_on_rank == rank else 0), 0)
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(0))
+    train_loader = DataLoader(
+        train_set, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(0)
+    )
     eval_loader = DataLoader(data(60, 1), batch_size=16)  # 60 rows: a last batch of 12
     lr_scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=0.1, total_steps=epochs * math.ceil(len(train_set) / batch_size) // accumulation + 1

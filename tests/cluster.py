@@ -11,6 +11,7 @@ starts fresh workers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import secrets
@@ -114,10 +115,8 @@ class Cluster:
 
     def close(self) -> None:
         for worker in self.workers:
-            try:
+            with contextlib.suppress(Exception):  # a worker that has already gone
                 worker.conn.send(None)
-            except Exception:
-                pass
         for worker in self.workers:
             try:
                 worker.process.wait(timeout=10)

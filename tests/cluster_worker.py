@@ -5,9 +5,9 @@ from __future__ import annotations
 import faulthandler
 import gc
 import importlib
-import signal
 import os
 import pickle
+import signal
 import traceback
 from multiprocessing.connection import Client
 

@@ -9,12 +9,11 @@ are compared.
 
 from __future__ import annotations
 
+import accelerate_script
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from cluster import Cluster, TaskFailed
-
-import accelerate_script
 
 pytestmark = pytest.mark.slow
 
@@ -122,8 +121,11 @@ def test_a_hung_rank_is_reported_within_the_timeout(cluster):
     import time
 
     start = time.monotonic()
-    with pytest.raises(TaskFailed, match=r"rank 0 \(module 2\) gave up after 3 s waiting for the others to reach "
-                       r"accelerator.wait_for_everyone\(\): rank 1 sent nothing -- it is stuck"):
+    with pytest.raises(
+        TaskFailed,
+        match=r"rank 0 \(module 2\) gave up after 3 s waiting for the others to reach "
+        r"accelerator.wait_for_everyone\(\): rank 1 sent nothing -- it is stuck",
+    ):
         cluster.run("accelerate_script:run", hang_rank=1, timeout=3.0, epochs=1)
     assert time.monotonic() - start < 60
 

@@ -72,7 +72,7 @@ def placeholders() -> dict:
 def test_python_blocks_run(code, fresh_accelerate):
     namespace = placeholders()
     namespace["__name__"] = "__docs__"
-    exec(compile(code, "<docs>", "exec"), namespace)  # noqa: S102 - the documentation's own code
+    exec(compile(code, "<docs>", "exec"), namespace)
 
 
 # --------------------------------------------------------------------------- commands
@@ -108,7 +108,6 @@ def check_recipe(path: str, args: list[str]) -> None:
         )
     if path.endswith("resnet_cifar.py"):
         from recipes.models import build_model
-
         from replay_opt import ReplayModelWrapper
 
         if parsed.model.startswith("torchvision:"):

@@ -77,7 +77,9 @@ def test_bp_equals_plain_autograd_and_eval_equals_the_model(models, name):
             ropt = ReplayOptimizer(torch.optim.SGD(wrapper.parameters(), lr=0.1), wrapper)
             _train(wrapper, batches, entry, in_model, step=lambda _: (ropt.step(), ropt.zero_grad()))
             for key, value in model.state_dict().items():
-                torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-5, msg=lambda m, k=k, key=key: f"K={k} {key}: {m}")
+                torch.testing.assert_close(
+                    value, expected[key], rtol=0, atol=1e-5, msg=lambda m, k=k, key=key: f"K={k} {key}: {m}"
+                )
     # Eval through the stages (one device per module forces the staged path) equals the model.
     model = models(name)
     wrapper = ReplayModelWrapper(model, num_modules=4, devices=["cpu"] * 4).eval()
@@ -266,9 +268,8 @@ def test_in_place_operations_at_a_cut(method):
 
 def test_in_place_at_a_cut_keeps_replays_exact():
     """ReLU(inplace=True) right after the cut must not alter the stored input that is replayed."""
-    from test_fr import OPTIMIZERS, naive_features_replay, sequential_stages
-
     from conftest import batches, max_param_diff, mlp
+    from test_fr import OPTIMIZERS, naive_features_replay, sequential_stages
 
     torch.manual_seed(0)
     model = mlp(depth=4)

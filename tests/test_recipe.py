@@ -230,8 +230,18 @@ def test_one_process_per_module_trains_and_resumes_exactly(tmp_path):
                                                                    str(tmp_path / "straight")])  # fmt: skip
         cluster.run("recipes.resnet_cifar:main", argv=[*common, "--max-steps", "7", "--output-dir",
                                                         str(tmp_path / "resumed")])  # fmt: skip
-        cluster.run("recipes.resnet_cifar:main", argv=[*common, "--max-steps", "18", "--output-dir",
-                                                        str(tmp_path / "resumed"), "--resume-from-checkpoint", "latest"])
+        cluster.run(
+            "recipes.resnet_cifar:main",
+            argv=[
+                *common,
+                "--max-steps",
+                "18",
+                "--output-dir",
+                str(tmp_path / "resumed"),
+                "--resume-from-checkpoint",
+                "latest",
+            ],
+        )
     finally:
         cluster.close()
     losses = [loss for _, loss in straight[0]["train_loss_log"]]  # the last module's loss, logged by rank 0

@@ -50,6 +50,11 @@ def _seq2seq_loss(out: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), batch["labels"].reshape(-1))
 
 
+def _shift_right(labels: torch.Tensor) -> torch.Tensor:
+    """The decoder inputs T5 makes from its labels: start token 0, then the labels shifted right."""
+    return torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], 1)
+
+
 def _image_batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
@@ -103,8 +108,7 @@ ZOO: dict[str, Entry] = {
             num_decoder_layers=2, num_heads=2, use_cache=False, decoder_start_token_id=0, pad_token_id=0),
         lambda n, seed: {"input_ids": _tokens(n, seed), "labels": _tokens(n, seed + 100, length=6)},
         _seq2seq_loss,
-        unlabeled=lambda b: {"input_ids": b["input_ids"],  # the decoder inputs T5 makes from labels: shifted right
-                             "decoder_input_ids": torch.cat([torch.zeros_like(b["labels"][:, :1]), b["labels"][:, :-1]], 1)},
+        unlabeled=lambda b: {"input_ids": b["input_ids"], "decoder_input_ids": _shift_right(b["labels"])},
     ),
     "vit": Entry(
         _hf("ViTForImageClassification", image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4,
