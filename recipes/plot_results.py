@@ -54,17 +54,21 @@ def plot_runs(results: list[Path], output: Path) -> Path:
 
 
 def plot_sigma(args: argparse.Namespace) -> None:
-    """Figure 3 of the paper: sigma of each module against the step, one panel per run."""
-    fig, axes = plt.subplots(1, len(args.results), figsize=(5.5 * len(args.results), 3.8), squeeze=False)
-    for ax, path in zip(axes[0], args.results):
-        r = json.loads(path.read_text())
+    """Figure 3 of the paper: sigma of each module against the step -- staleness alone (the same samples'
+    true gradient) and the paper's sigma (a reference batch's) -- one row of panels per run."""
+    runs = [json.loads(path.read_text()) for path in args.results]
+    fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3.8 * len(runs)), squeeze=False)
+    for row, r in zip(axes, runs):
         records = r["diagnostics"]
-        for k in range(len(records[0]["sigma"])):
-            ax.plot([d["step"] for d in records], [d["sigma"][k] for d in records], label=f"module {k + 1}")
-        ax.set(xlabel="step", ylabel="sigma", title=f"{r['method'].upper()} K={r['modules']} {r['model']}")
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        title = f"{r['method'].upper()} K={r['modules']} {r['model']}"
+        for ax, name, what in ((row[0], "sigma_staleness", "staleness alone (same samples)"),
+                               (row[1], "sigma_expected", "the paper's sigma (512-sample reference)")):  # fmt: skip
+            for k in range(len(records[0][name])):
+                ax.plot([d["step"] for d in records], [d[name][k] for d in records], label=f"module {k + 1}", lw=1)
+            ax.set(xlabel="step", ylabel="sigma", title=f"{title}: {what}")
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.output, dpi=120)
     print(f"wrote {args.output}")

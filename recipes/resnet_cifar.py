@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from recipes.checkpoints import CheckpointError, Checkpoints, resolve
 from recipes.data import Augment, load_image_data
 from recipes.models import CIFAR_MODELS, build_model
-from replay_opt import ReplayModelWrapper, ReplayOptimizer
+from replay_opt import ReplayModelWrapper, ReplayOptimizer, SigmaProbe
 
 METHODS = ("bp", "fr", "ddg", "dni", "dgl")
 
@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--diagnostics-every",
         type=int,
         default=None,
-        help="every N steps, log each module's sigma and cosine against the true gradient (paper Fig. 3)",
+        help="every N steps, log each module's sigma against the true gradient of the same samples (staleness) "
+        "and of a 512-sample reference batch (the paper's sigma, Fig. 3); one process",
     )
     g.add_argument("--output-dir", default="outputs/resnet_cifar")
     g.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint directory, or 'latest'")
@@ -218,7 +219,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             split_points=args.split_points,
             balance=args.balance,
             example_inputs=example if args.balance == "time" else None,
-            diagnostics_every=args.diagnostics_every,
             timeout=args.timeout,
         )
     except ValueError as exc:
@@ -235,6 +235,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model, optimizer, train_loader, test_loader, scheduler
     )
     steps_per_epoch = len(train_loader)
+    probe = None
+    if args.diagnostics_every:
+        reference_rows = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(1))[:512]
+
+        def reference() -> tuple[tuple[torch.Tensor], torch.Tensor]:  # the expected gradient's stand-in
+            x = data.train_x[reference_rows].to(accelerator.device)
+            return (augment(x),), data.train_y[reference_rows].to(accelerator.device)
+
+        probe = SigmaProbe(replay_model, loss_fn=F.cross_entropy, every=args.diagnostics_every, reference=reference)
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
     if args.resume_from_checkpoint:
@@ -285,20 +294,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             steps_left = min(steps_per_epoch - progress.step_in_epoch, max_steps - progress.global_step)
             replay_model.track_memory = steps_left <= replay_model.num_modules
             last_step = steps_left == 1
-            out = model(augment(x))
+            inputs = augment(x)
+            out = model(inputs)
             loss = F.cross_entropy(out, y)
             accelerator.backward(loss)
+            record = probe.measure((inputs,), y) if probe is not None else None
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-            if (
-                args.diagnostics_every
-                and replay_model.diagnostics
-                and replay_model.diagnostics[-1]["step"] == (progress.global_step)
-            ):
-                record = replay_model.diagnostics[-1]
-                logged = {f"diagnostics/sigma_module{k}": v for k, v in enumerate(record["sigma"], 1)}
-                logged.update({f"diagnostics/cosine_module{k}": v for k, v in enumerate(record["cosine"], 1)})
+            if record is not None:
+                logged = {f"diagnostics/{name}_module{k}": v for name in ("sigma_staleness", "sigma_expected",
+                          "cosine_staleness", "cosine_expected") for k, v in enumerate(record[name], 1)}  # fmt: skip
                 accelerator.log(logged, step=progress.global_step)
             if last_step:
                 held = replay_model.memory_report()
@@ -374,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "final_test_error": 100 * (1 - progress.last_acc),
         "history": history,
         "train_loss_log": loss_log,
-        "diagnostics": replay_model.diagnostics,
+        "diagnostics": probe.records if probe is not None else [],
     }
     accelerator.log(
         {"final/best_test_error": results["best_test_error"], "final/test_error": results["final_test_error"]}

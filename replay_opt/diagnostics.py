@@ -1,125 +1,157 @@
-"""The paper's sufficient-direction constant sigma, per module (Section 5.2, Figure 3).
+"""The paper's sufficient-direction constant sigma, per module (Section 5.2, Figure 3), measured honestly.
 
-Every ``every`` optimizer steps, the gradient g^t a method actually applies to
-module k is compared with the true backprop gradient of the same loss, on the
-same batch, at the same weights w^t:
+The paper's assumption: the gradient g^t a method applies satisfies, in expectation,
+<grad f(w^t), g^t> >= sigma ||grad f(w^t)||^2, with grad f the *expected* gradient.  Module k's
+g^t comes from the samples of batch t - D_k (D_k = K - k: the error signal travels down one module
+per step).  Comparing it with the gradient of the *current* batch t mixes two mini-batches, so
+mini-batch noise biases that sigma low -- and makes it fall as the learning rate drops.  This probe
+reports two quantities instead, each named for what it measures:
 
-    sigma_k = <grad f(w^t)_k, g_k^t> / ||grad f(w^t)_k||^2,   cosine_k = <., .> / (||.|| ||.||)
+* ``sigma_staleness`` -- staleness alone: the true gradient of the *same samples* (batch t - D_k) at
+  the current weights w^t, against g^t.  1 for the last module and for BP, exactly; how far below 1
+  is what the stale error signal costs.
+* ``sigma_expected`` -- an estimate of the paper's sigma: the true gradient at w^t of a large
+  *reference batch* (an estimate of the expected gradient), against g^t.  Noisy step to step (g^t is
+  one mini-batch); averaged over steps it estimates sigma.
 
-The wrapper never sees the loss function, only the gradient it sends into the
-model output.  That is all the true gradient needs: the batch is run through
-every module once more, with a graph, the RNG state of the step's forward (so
-dropout draws the same masks as the play pass) and BatchNorm statistics frozen,
-and ``d loss / d output`` from the user's backward is back-propagated through it.
-With a GradScaler the captured gradient is unscaled first.  Costs one extra
-forward and backward on diagnostic steps; off unless ``diagnostics_every`` is set.
+With the cosines of the same pairs.  Every ``every`` steps (call ``measure`` every step, after
+``backward()``, before ``optimizer.step()``), the true gradients cost K + 1 extra forward and
+backward passes, with BatchNorm statistics frozen and the training RNG untouched.  One process.
+
+    probe = SigmaProbe(model, loss_fn=F.cross_entropy, every=10, reference=(x_ref, y_ref))
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        probe.measure((x,), y)
+        optimizer.step()
+        optimizer.zero_grad()
+    probe.records  # [{"step", "sigma_staleness", "sigma_expected", "cosine_staleness", "cosine_expected"}, ...]
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Any
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .batchnorm import frozen_running_stats
 from .history import detached, to_device
-from .partition import Stage
+
+if TYPE_CHECKING:
+    from .wrapper import ReplayModelWrapper
+
+Batch = tuple[Any, Any]  # (inputs: a tuple of positional inputs or a dict of keyword inputs, target)
 
 
-class _CaptureGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, box: dict[int, torch.Tensor], index: int, t: torch.Tensor) -> torch.Tensor:
-        ctx.box, ctx.index = box, index
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        ctx.box[ctx.index] = grad.detach()
-        return None, None, grad
-
-
-@dataclass
-class _Capture:
-    inputs: tuple[Any, ...]
-    cpu_rng: torch.Tensor
-    device_rng: dict[torch.device, torch.Tensor]
-    output_grads: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-class SufficientDirection:
-    def __init__(self, every: int) -> None:
+class SigmaProbe:
+    def __init__(
+        self,
+        model: ReplayModelWrapper,
+        *,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        every: int = 10,
+        reference: Batch | Callable[[], Batch] | None = None,
+    ) -> None:
         if every < 1:
-            raise ValueError(f"diagnostics_every must be a positive number of steps, got {every}")
+            raise ValueError(f"every must be a positive number of steps, got {every}")
+        if model._pipeline is not None:
+            raise ValueError("SigmaProbe runs in one process; with one process per module measure in one process")
+        self.model = model
+        self.loss_fn = loss_fn
         self.every = every
+        self.reference = reference
         self.records: list[dict[str, Any]] = []
-        self._capture: _Capture | None = None
+        self.step = 0
+        self._recent: deque[Batch] = deque(maxlen=model.num_modules)  # batches t-K+1 .. t
 
-    def due(self, step: int) -> bool:
-        return step % self.every == 0
-
-    def watch(self, inputs: tuple[Any, ...], stages: list[Stage]) -> None:
-        """Call at the start of a diagnostic step's training forward."""
-        devices = {s.device for s in stages if s.device.type != "cpu"}
-        device_rng = {d: torch.get_device_module(d.type).get_rng_state(d) for d in devices}
-        self._capture = _Capture(detached(inputs), torch.get_rng_state(), device_rng)
-
-    def wrap_output(self, output: Any) -> Any:
-        """Route the output through identities that record the gradient the loss sends into it."""
-        if self._capture is None:
-            return output
-        leaves, spec = tree_flatten(output)
-        box = self._capture.output_grads
-        leaves = [
-            _CaptureGrad.apply(box, i, t) if isinstance(t, torch.Tensor) and t.requires_grad else t
-            for i, t in enumerate(leaves)
-        ]
-        return tree_unflatten(leaves, spec)
-
-    def measure(self, step: int, stages: list[Stage], grad_scale: torch.Tensor | None) -> dict[str, Any] | None:
-        """Call after backward, before the optimizer step: record sigma and cosine per module."""
-        capture, self._capture = self._capture, None
-        if capture is None or not capture.output_grads:
+    def measure(self, inputs: Any, target: Any) -> dict[str, Any] | None:
+        """Record this step's batch; every ``every`` steps, sigma and cosine per module (returned, and kept)."""
+        batch = (_detach(inputs), _detach(target))
+        self._recent.append(batch)
+        step, self.step = self.step, self.step + 1
+        if step % self.every:
             return None
-        devices = list(capture.device_rng)
+        optimizer = self.model._optimizer
+        if optimizer is not None:
+            optimizer._compensation.restore()  # w^t itself, not a linear weight prediction
+        stages = self.model._stages
+        k = len(stages)
+        scale = getattr(getattr(optimizer, "grad_scaler", None), "_scale", None)
+        applied = [_flat([p.grad for p in s.parameters()], s.parameters(), scale) for s in stages]
+        record: dict[str, Any] = {"step": step, "sigma_staleness": [], "cosine_staleness": []}
+        for stage, g in zip(stages, applied):
+            delay = (k - 1 - stage.index) if self.model.method in ("fr", "ddg") else 0
+            if delay >= len(self._recent):  # the module has not started yet
+                record["sigma_staleness"].append(float("nan"))
+                record["cosine_staleness"].append(float("nan"))
+                continue
+            true = self._true_gradient(self._recent[-1 - delay])[stage.index]
+            sigma, cosine = _sigma(true, g)
+            record["sigma_staleness"].append(sigma)
+            record["cosine_staleness"].append(cosine)
+        if self.reference is not None:
+            reference = self.reference() if callable(self.reference) else self.reference
+            true_ref = self._true_gradient(reference)
+            pairs = [_sigma(t, g) for t, g in zip(true_ref, applied)]
+            record["sigma_expected"] = [s for s, _ in pairs]
+            record["cosine_expected"] = [c for _, c in pairs]
+        self.records.append(record)
+        return record
+
+    def _true_gradient(self, batch: Batch) -> list[torch.Tensor]:
+        """Plain backprop of ``loss_fn`` on ``batch`` through every module at the current weights, per module."""
+        inputs, target = batch
+        args, kwargs = (tuple(inputs), {}) if isinstance(inputs, (tuple, list)) else ((), dict(inputs))
+        partition = self.model._partition
+        stages = self.model._stages
+        devices = [s.device for s in stages if s.device.type != "cpu"]
         with contextlib.ExitStack() as stack, torch.enable_grad():
             stack.enter_context(
                 torch.random.fork_rng(devices=devices, device_type=devices[0].type if devices else "cuda")
             )
-            torch.set_rng_state(capture.cpu_rng)
-            for d, state in capture.device_rng.items():
-                torch.get_device_module(d.type).set_rng_state(state, d)
+            stack.enter_context(partition.using(partition.current))
             for s in stages:
                 stack.enter_context(frozen_running_stats(s.train))
-            x = capture.inputs
-            for s in stages:
-                x = s.train(*to_device(x if isinstance(x, tuple) else (x,), s.device))
-            leaves, _ = tree_flatten(x)
-            outs = [leaves[i] for i in capture.output_grads]
-            grads = list(capture.output_grads.values())
+            x = partition.select(args, kwargs, training=True)
+            for s in stages[:-1]:
+                x = s.train(*to_device(x, s.device))
+            out = stages[-1].train(*to_device(x, stages[-1].device))
             params = [p for s in stages for p in s.parameters()]
-            true = torch.autograd.grad(outs, params, grads, allow_unused=True)
-        record: dict[str, Any] = {"step": step, "sigma": [], "cosine": []}
-        offset = 0
+            grads = torch.autograd.grad(self.loss_fn(out, target), params, allow_unused=True)
+        per_stage, offset = [], 0
         for s in stages:
             ps = s.parameters()
-            t_k = _flat([true[offset + j] for j in range(len(ps))], ps)
+            per_stage.append(_flat(list(grads[offset : offset + len(ps)]), ps, None))
             offset += len(ps)
-            if grad_scale is not None:
-                t_k = t_k / grad_scale.to(t_k.device)
-            g_k = _flat([p.grad for p in ps], ps)
-            dot = torch.dot(t_k.double(), g_k.double())
-            tt, gg = t_k.double().norm(), g_k.double().norm()
-            record["sigma"].append((dot / tt.pow(2)).item() if tt > 0 else float("nan"))
-            record["cosine"].append((dot / (tt * gg)).item() if tt > 0 and gg > 0 else float("nan"))
-        self.records.append(record)
-        return record
+        return per_stage
 
 
-def _flat(grads: list[torch.Tensor | None], params: list[torch.nn.Parameter]) -> torch.Tensor:
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return detached(value)
+    return value
+
+
+def _sigma(true: torch.Tensor, applied: torch.Tensor) -> tuple[float, float]:
+    dot = torch.dot(true.double(), applied.double().to(true.device))
+    tt, gg = true.double().norm(), applied.double().norm()
+    sigma = (dot / tt.pow(2)).item() if tt > 0 else float("nan")
+    cosine = (dot / (tt * gg)).item() if tt > 0 and gg > 0 else float("nan")
+    return sigma, cosine
+
+
+def _flat(
+    grads: list[torch.Tensor | None], params: list[torch.nn.Parameter], scale: torch.Tensor | None
+) -> torch.Tensor:
     if not params:
         return torch.zeros(0)
     device = params[0].device
-    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(device) for g, p in zip(grads, params)])
+    flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(device) for g, p in zip(grads, params)])
+    return flat / scale.to(device) if scale is not None else flat

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from .compensation import Compensation
+from .methods.stale import StaleGradientMethod
 from .wrapper import ReplayModelWrapper
 
 
@@ -23,7 +25,9 @@ class ReplayOptimizer(torch.optim.Optimizer):
     * ``state_dict()`` also holds the replay state (input histories, stale
       gradients, counters), so a resumed run continues identically;
     * with fp16 loss scaling pass the ``GradScaler`` (``accelerator.scaler``)
-      so that stale gradients are rescaled when the scale changes.
+      so that stale gradients are rescaled when the scale changes;
+    * ``compensation=`` opts in to staleness compensation per module (``"spike"``,
+      ``"lwp"``, ``"warmup[:T]"``, combined with ``+``; see ``compensation.py``).
 
     The optimizer may have been built on the original model before wrapping:
     the wrapper trains that model's parameters in place.
@@ -35,6 +39,7 @@ class ReplayOptimizer(torch.optim.Optimizer):
         model: ReplayModelWrapper,
         *,
         grad_scaler: torch.amp.GradScaler | None = None,
+        compensation: str | Sequence[str] | None = None,
     ) -> None:
         # No super().__init__: param_groups, state and defaults are the inner optimizer's.
         if isinstance(optimizer, ReplayOptimizer):
@@ -56,7 +61,19 @@ class ReplayOptimizer(torch.optim.Optimizer):
         self._method = model._method
         self._method.grad_scaler = grad_scaler
         self._method.bind(optimizer)
+        self._compensation = Compensation(compensation, optimizer, self._delays())
+        self._programs_seen = len(model._partition.programs())
         model._optimizer = self
+
+    def _delays(self) -> dict[int, int]:
+        """id(parameter) -> D = K - k, the age of module k's gradient (0 where nothing is stale)."""
+        stale = isinstance(self._method, StaleGradientMethod)
+        k = len(self._method.stages)
+        delays: dict[int, int] = {}
+        for stage in self._method.stages:
+            for p in stage.parameters():  # a shared parameter takes its freshest module's delay
+                delays[id(p)] = min(delays.get(id(p), k), k - 1 - stage.index if stale else 0)
+        return delays
 
     # Delegation, as accelerate.optimizer.AcceleratedOptimizer does it.
     @property
@@ -104,9 +121,6 @@ class ReplayOptimizer(torch.optim.Optimizer):
         pipeline = self.model._pipeline
         tied_live = pipeline.reduce_gradients() if pipeline is not None else set()
         self._method.before_step()
-        if self.model._sufficient_direction is not None:
-            scale = getattr(self.grad_scaler, "_scale", None)
-            self.model._sufficient_direction.measure(self._method.steps, self._method.stages, scale)
         # Modules still waiting for their first (input, gradient) pair must not
         # move at all: hide their gradients so the optimizer skips them.
         # A parameter shared by several modules (tied weights) moves when any of them has started.
@@ -118,8 +132,11 @@ class ReplayOptimizer(torch.optim.Optimizer):
                 if id(p) not in live and p.grad is not None:
                     hidden.append((p, p.grad))
                     p.grad = None
+        programs = len(self.model._partition.programs())
+        if programs != self._programs_seen:  # a model captured at its first forward (or a new call signature)
+            self._compensation.delays, self._programs_seen = self._delays(), programs
         try:
-            self.optimizer.step()
+            self._compensation.step(self.optimizer.step)
         finally:
             for p, grad in hidden:
                 p.grad = grad
@@ -134,14 +151,19 @@ class ReplayOptimizer(torch.optim.Optimizer):
         if pipeline is None:
             state = self.optimizer.state_dict()
             state["replay"] = self.model.replay_state_dict()
-            return state
-        return pipeline.optimizer_state_dict(
-            self.optimizer.state_dict(), self._local_indices(), self.model.replay_state_dict
-        )
+        else:
+            state = pipeline.optimizer_state_dict(
+                self.optimizer.state_dict(), self._local_indices(), self.model.replay_state_dict
+            )
+        state["compensation"] = self._compensation.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         replay = state_dict.pop("replay", None)
+        compensation = state_dict.pop("compensation", None)
+        if compensation is not None:
+            self._compensation.load_state_dict(compensation)
         pipeline = self.model._pipeline
         if pipeline is not None and replay is not None:
             replay = pipeline.load_replay(replay)

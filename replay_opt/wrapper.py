@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-from .diagnostics import SufficientDirection
 from .distributed import Layout, local_device, pipeline_layout
 from .history import to_device
 from .methods import make_method
@@ -59,9 +58,6 @@ class ReplayModelWrapper(nn.Module):
             hooks every tensor autograd saves.
         timeout: seconds any wait on another process may take before it is
             declared failed (multi-process mode).
-        diagnostics_every: every N optimizer steps, compare each module's
-            gradient with the true backprop gradient on the same batch and
-            weights (the paper's sigma and the cosine; see ``diagnostics``).
 
     Under ``accelerate launch`` / ``torchrun`` with W = K x D processes, rank r
     runs module ``r % K`` of data-parallel replica ``r // K`` (see
@@ -86,7 +82,6 @@ class ReplayModelWrapper(nn.Module):
         capture: str = "auto",
         track_memory: bool = False,
         timeout: float = 300.0,
-        diagnostics_every: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -136,9 +131,6 @@ class ReplayModelWrapper(nn.Module):
         for program in self._partition.programs():
             self._place(program)
         self.track_memory = track_memory
-        self._sufficient_direction = SufficientDirection(diagnostics_every) if diagnostics_every else None
-        if self._sufficient_direction is not None and self._pipeline is not None:
-            raise ValueError("diagnostics_every runs in one process; drop it with one process per module")
 
     def _place(self, program: Program) -> None:
         """Put a new program's stage modules on their devices (one process per module: this rank's only)."""
@@ -230,6 +222,8 @@ class ReplayModelWrapper(nn.Module):
                 )
             self._check_grad_scaler()
             self._method.meter.begin_step()
+            if self._optimizer is not None:
+                self._optimizer._compensation.predict()  # linear weight prediction, when asked for
         if self._pipeline is not None:
             with self._autocast() as precision:
                 inputs = self._partition.select(args, kwargs, training)
@@ -241,19 +235,7 @@ class ReplayModelWrapper(nn.Module):
         if not training:
             return self._inference(args, kwargs)
         inputs = self._partition.select(args, kwargs, True)
-        watch = self._sufficient_direction
-        if watch is not None and watch.due(self._method.steps):
-            watch.watch(inputs, self._stages)
-        out = self._method.forward(inputs)
-        if watch is not None:
-            out = watch.wrap_output(out)
-        return self._to_input_device(out, args, kwargs)
-
-    @property
-    def diagnostics(self) -> list[dict[str, Any]]:
-        """With ``diagnostics_every=N``: one record per measured step, ``{"step", "sigma", "cosine"}``,
-        each a list over modules (sigma = <true grad, applied grad> / ||true grad||^2)."""
-        return [] if self._sufficient_direction is None else self._sufficient_direction.records
+        return self._to_input_device(self._method.forward(inputs), args, kwargs)
 
     # ----------------------------------------------------------------------- multi-process
 

@@ -79,47 +79,39 @@ class Cluster:
         results: dict[int, Any] = {}
         errors: dict[int, str] = {}
         deadline = time.monotonic() + limit
-        for rank, worker in enumerate(self.workers):
-            while rank not in results and rank not in errors:
-                if worker.conn.poll(0.2):
+        while len(results) + len(errors) < self.world:
+            for rank, worker in enumerate(self.workers):
+                if rank in results or rank in errors:
+                    continue
+                if worker.conn.poll(0.05):
                     try:
                         status, value = pickle.loads(worker.conn.recv_bytes())
                     except (EOFError, OSError):
-                        errors[rank] = f"(process ended with code {worker.process.poll()})"
-                        break
+                        status, value = "error", f"(process ended with code {worker.process.poll()})"
                     (results if status == "ok" else errors)[rank] = value
+                    if status != "ok":  # the others are left waiting on it: let them report, briefly
+                        deadline = min(deadline, time.monotonic() + 4)
                 elif worker.process.poll() is not None:
                     errors[rank] = f"(process ended with code {worker.process.returncode})"
-                elif time.monotonic() > deadline:
-                    errors[rank] = f"(no answer within {limit} s; stacks on stderr)"
-                    for w in self.workers:
-                        w.process.send_signal(signal.SIGUSR1)
-                    time.sleep(1)
+            if time.monotonic() > deadline and len(results) + len(errors) < self.world:
+                for w in self.workers:  # stacks of whoever still runs, on stderr
+                    w.process.send_signal(signal.SIGUSR1)
+                time.sleep(1)
+                for rank in range(self.world):
+                    if rank not in results and rank not in errors:
+                        errors[rank] = "(no answer within the time given; stacks on stderr)"
         if errors:
-            # A rank that failed leaves the others waiting on it: let them report (a few seconds), then restart.
-            deadline = min(deadline, time.monotonic() + 4)
-            for rank, worker in enumerate(self.workers):
-                while rank not in results and rank not in errors:
-                    if worker.conn.poll(1.0):
-                        try:
-                            status, value = pickle.loads(worker.conn.recv_bytes())
-                        except (EOFError, OSError):
-                            errors[rank] = "(process ended)"
-                            break
-                        (results if status == "ok" else errors)[rank] = value
-                    elif worker.process.poll() is not None or time.monotonic() > deadline:
-                        errors[rank] = "(ended without an answer)"
-            self.close()
+            self.close(kill=True)
             raise TaskFailed(errors, results)
         return [results[r] for r in range(self.world)]
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
         for worker in self.workers:
             with contextlib.suppress(Exception):  # a worker that has already gone
                 worker.conn.send(None)
         for worker in self.workers:
             try:
-                worker.process.wait(timeout=10)
+                worker.process.wait(timeout=0.5 if kill else 10)
             except subprocess.TimeoutExpired:
                 worker.process.kill()
                 worker.process.wait()

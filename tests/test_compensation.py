@@ -1,0 +1,186 @@
+"""Staleness compensation against hand-written references (momentum SGD written out in the test)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import batches, max_param_diff, mlp
+from test_fr import naive_features_replay, run_library, sequential_stages
+from torch import nn
+from torch.func import functional_call
+
+from replay_opt import ReplayModelWrapper, ReplayOptimizer
+
+LR, M, WD = 0.1, 0.9, 5e-4
+SPLIT = {2: [6], 3: [4, 8]}
+
+
+class HandSGD:
+    """Momentum SGD with spike compensation for delay D and a per-module warm-up, written out by hand."""
+
+    def __init__(self, params, delay: int, spike: bool, clock: list[int] | None = None, warmup: int = 0):
+        self.params, self.delay, self.spike, self.clock, self.warmup = list(params), delay, spike, clock, warmup
+        self.v: dict[int, torch.Tensor] = {}
+
+    def lr(self) -> float:
+        t = self.clock[0] if self.clock is not None else 0
+        if self.warmup and self.delay and t < self.warmup:
+            return LR * (1 + self.delay) ** -(1 - t / self.warmup)
+        return LR
+
+    def step(self) -> None:
+        a, b = (M**self.delay, (1 - M**self.delay) / (1 - M)) if self.spike else (1.0, 0.0)
+        lr = self.lr()
+        with torch.no_grad():
+            for p in self.params:
+                d = p.grad + WD * p
+                v = d.clone() if id(p) not in self.v else M * self.v[id(p)] + d
+                self.v[id(p)] = v
+                p -= lr * (a * v + b * d)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def hand_optimizers(k: int, spike: bool, warmup: int = 0):
+    """A factory for naive_features_replay: module i gets delay K-1-i; the last module's step ticks the clock."""
+    made: list[HandSGD] = []
+    clock = [-1]
+
+    def make(params):
+        i = len(made)
+        opt = HandSGD(params, k - 1 - i, spike, clock, warmup)
+        if i == k - 1:  # the last module steps first, every step: it advances the clock
+            step = opt.step
+
+            def tick():
+                clock[0] += 1
+                step()
+
+            opt.step = tick
+        made.append(opt)
+        return opt
+
+    return make
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=LR, momentum=M, weight_decay=WD)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_spike_compensation_matches_the_hand_written_update(k):
+    model = mlp(depth=6)
+    reference = copy.deepcopy(model)
+    data = batches(9, last=5)
+    naive_features_replay(sequential_stages(reference, SPLIT[k]), data, hand_optimizers(k, spike=True))
+    wrapper = ReplayModelWrapper(model, split_points=[str(i) for i in SPLIT[k]])
+    opt = ReplayOptimizer(sgd(wrapper.parameters()), wrapper, compensation="spike")
+    for x, y in data:
+        F.cross_entropy(wrapper(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert max_param_diff(model, reference) <= 1e-5
+
+
+def test_warmup_matches_the_hand_written_schedule():
+    k = 3
+    model = mlp(depth=6)
+    reference = copy.deepcopy(model)
+    data = batches(8)
+    naive_features_replay(sequential_stages(reference, SPLIT[k]), data, hand_optimizers(k, spike=False, warmup=5))
+    wrapper = ReplayModelWrapper(model, split_points=[str(i) for i in SPLIT[k]])
+    opt = ReplayOptimizer(sgd(wrapper.parameters()), wrapper, compensation="warmup:5")
+    for x, y in data:
+        F.cross_entropy(wrapper(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert max_param_diff(model, reference) <= 1e-5
+
+
+class Predicted(nn.Module):
+    """A module run with its weights extrapolated D steps along the momentum (read from a HandSGD)."""
+
+    def __init__(self, module: nn.Module, opt: HandSGD) -> None:
+        super().__init__()
+        self.module, self.opt = module, opt
+
+    def forward(self, x):
+        weights = {n: p - LR * self.opt.delay * self.opt.v[id(p)] if id(p) in self.opt.v else p
+                   for n, p in self.module.named_parameters()}  # fmt: skip
+        return functional_call(self.module, weights, (x,))
+
+
+def test_linear_weight_prediction_matches_the_hand_written_forward():
+    k = 3
+    model = mlp(depth=6)
+    reference = copy.deepcopy(model)
+    data = batches(8)
+    stages = sequential_stages(reference, SPLIT[k])
+    opts = [HandSGD(s.parameters(), k - 1 - i, spike=False) for i, s in enumerate(stages)]
+    it = iter(opts)
+    naive_features_replay([Predicted(s, o) for s, o in zip(stages, opts)], data, lambda _: next(it))
+    wrapper = ReplayModelWrapper(model, split_points=[str(i) for i in SPLIT[k]])
+    opt = ReplayOptimizer(sgd(wrapper.parameters()), wrapper, compensation="lwp")
+    for x, y in data:
+        F.cross_entropy(wrapper(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert max_param_diff(model, reference) <= 1e-5
+
+
+@pytest.mark.parametrize(("k", "method"), [(1, "fr"), (3, "bp")])
+def test_k1_and_bp_are_unchanged_bit_for_bit(k, method):
+    model = mlp(depth=6)
+    plain = copy.deepcopy(model)
+    data = batches(6)
+    split = {"num_modules": 1} if k == 1 else {"split_points": [str(i) for i in SPLIT[k]], "method": method}
+    run_library(plain, data, sgd, **split)
+    wrapper = ReplayModelWrapper(model, **split)
+    opt = ReplayOptimizer(sgd(wrapper.parameters()), wrapper, compensation="spike+lwp+warmup:3")
+    for x, y in data:
+        F.cross_entropy(wrapper(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert max_param_diff(model, plain) == 0.0
+
+
+def test_checkpoints_carry_the_warmup_clock():
+    data = batches(8)
+
+    def build(model):
+        wrapper = ReplayModelWrapper(model, split_points=["4", "8"])
+        return wrapper, ReplayOptimizer(sgd(wrapper.parameters()), wrapper, compensation="spike+lwp+warmup:6")
+
+    def train(wrapper, opt, part):
+        for x, y in part:
+            F.cross_entropy(wrapper(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+    torch.manual_seed(0)
+    straight = mlp(depth=6)
+    first = copy.deepcopy(straight)
+    train(*build(straight), data)
+    wrapper, opt = build(first)
+    train(wrapper, opt, data[:4])
+    state = copy.deepcopy((wrapper.state_dict(), opt.state_dict()))
+    resumed = mlp(depth=6)
+    wrapper, opt = build(resumed)
+    wrapper.load_state_dict(state[0])
+    opt.load_state_dict(state[1])
+    train(wrapper, opt, data[4:])
+    assert max_param_diff(straight, resumed) == 0.0
+
+
+def test_bad_compensation_names_the_fix():
+    wrapper = ReplayModelWrapper(mlp(depth=6), split_points=["4"])
+    with pytest.raises(ValueError, match="unknown compensation 'spikes'"):
+        ReplayOptimizer(sgd(wrapper.parameters()), wrapper, compensation="spikes")
+    with pytest.raises(ValueError, match="defined for SGD with momentum.*compensation='warmup'"):
+        ReplayOptimizer(torch.optim.AdamW(wrapper.parameters()), wrapper, compensation="spike")
+    ReplayOptimizer(torch.optim.AdamW(wrapper.parameters()), wrapper, compensation="warmup:100")
