@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,17 @@ class Checkpoints:
                 shutil.rmtree(old)
         accelerator.wait_for_everyone()
         return final
+
+
+def load(accelerator: Any, arg: str, root: Path, error: Callable[[str], Any]) -> Path:
+    """Load the checkpoint ``--resume-from-checkpoint`` names into everything registered with ``accelerator``;
+    a missing or damaged one goes to ``error`` (the argument parser's) with the fix."""
+    try:
+        checkpoint = resolve(arg, root)
+    except CheckpointError as exc:
+        error(str(exc))
+    accelerator.load_state(str(checkpoint))
+    return checkpoint
 
 
 def resolve(arg: str, root: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Plot one or more runs of resnet_cifar.py from their results.json files.
+"""Plot one or more runs of resnet_cifar.py or causal_lm.py from their results.json files.
 
 python recipes/plot_results.py outputs/fr/results.json outputs/bp/results.json -o runs.png
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -17,7 +18,7 @@ import matplotlib.pyplot as plt
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("results", nargs="+", type=Path, help="results.json files written by resnet_cifar.py")
+    p.add_argument("results", nargs="+", type=Path, help="results.json files written by a recipe")
     p.add_argument("-o", "--output", type=Path, default=Path("runs.png"))
     p.add_argument("--sigma", action="store_true", help="plot the diagnostics (sigma per module) instead")
     return p.parse_args(argv)
@@ -28,7 +29,14 @@ def main() -> None:
     if args.sigma:
         plot_sigma(args)
         return
-    plot_runs(args.results, args.output)
+    runs = [json.loads(path.read_text()) for path in args.results]
+    if all("unigram_perplexity" in r for r in runs):  # language-model runs
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from recipes.causal_lm import plot
+
+        plot(runs, args.output)
+    else:
+        plot_runs(args.results, args.output)
     print(f"wrote {args.output}")
 
 

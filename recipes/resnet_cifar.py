@@ -13,10 +13,7 @@ everything else is an ordinary Accelerate training loop.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -24,13 +21,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
-from accelerate.utils import set_seed
+from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from recipes.checkpoints import CheckpointError, Checkpoints, resolve
+from recipes.common import add_method_arguments, add_run_arguments, begin_run, peak_memory_mb, progress_resumed, summary
 from recipes.data import Augment, load_image_data
 from recipes.models import CIFAR_MODELS, build_model
 from replay_opt import ReplayModelWrapper, ReplayOptimizer, SigmaProbe
@@ -42,10 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    g = p.add_argument_group("method")
-    g.add_argument("--method", choices=METHODS, default="fr", help="training method (bp = plain backprop)")
-    g.add_argument("--modules", type=int, default=2, help="K, the number of pipeline modules")
-    g.add_argument("--split-points", default=None, help="comma-separated submodule names where modules 2..K begin")
+    g = add_method_arguments(p, METHODS)
     g.add_argument("--balance", default="params", help='"params", "time", or comma-separated unit counts')
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="resnet110", help=f"one of: {CIFAR_MODELS}")
@@ -76,15 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="every N steps, log each module's sigma against the true gradient of the same samples (staleness) "
         "and of a 512-sample reference batch (the paper's sigma, Fig. 3); one process",
     )
-    g.add_argument("--output-dir", default="outputs/resnet_cifar")
-    g.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint directory, or 'latest'")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
-    g.add_argument("--overwrite", action="store_true", help="delete another run's checkpoints in --output-dir")
-    g.add_argument(
-        "--timeout", type=float, default=600, help="seconds any wait on another process may take (multi-process)"
-    )
-    g.add_argument("--report-to", choices=("wandb", "tensorboard", "none"), default="wandb")
-    g.add_argument("--wandb-project", default="replay_opt")
+    add_run_arguments(g, "outputs/resnet_cifar")
     args = p.parse_args(argv)
     args.milestones = [int(m) for m in args.milestones.split(",") if m]
     args.split_points = args.split_points.split(",") if args.split_points else None
@@ -95,49 +80,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f'--balance takes "params", "time" or comma-separated integers, got {args.balance!r}')
     args.parser = p
     return args
-
-
-# ----------------------------------------------------------------------------- tracking
-
-
-def use_wandb_offline_without_credentials() -> str | None:
-    """wandb blocks on a login prompt when it has no key: go offline by ourselves and say how to sync."""
-    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
-        return None
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
-        return None
-    os.environ["WANDB_MODE"] = "offline"
-    return "no W&B credentials found: logging offline; upload later with `wandb sync {dir}/wandb/offline-run-*`"
-
-
-def peak_memory_mb(devices: list[torch.device]) -> dict[str, float]:
-    peaks = {}
-    for device in sorted(set(devices), key=str):
-        if device.type == "cuda":
-            peaks[f"memory/peak_mb_{device}"] = torch.cuda.max_memory_allocated(device) / 2**20
-    peaks["memory/peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return peaks
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-class Progress:
-    """Where training stands; saved with every checkpoint so a resume continues at the same batch."""
-
-    def __init__(self) -> None:
-        self.epoch = 0
-        self.step_in_epoch = 0
-        self.global_step = 0
-        self.best_acc = 0.0
-        self.last_acc = 0.0
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        vars(self).update(state)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -170,33 +112,13 @@ def _evaluate(model, loader, augment: Augment, accelerator: Accelerator) -> tupl
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-    note = use_wandb_offline_without_credentials() if args.report_to == "wandb" else None
-    accelerator = Accelerator(
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_dir=str(output_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        # Every wait on another process is bounded (torch's default is 30 minutes).
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.timeout))],
-    )
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() != accelerator.num_processes:
-        raise SystemExit(
-            f"torch.distributed runs {torch.distributed.get_world_size()} processes but Accelerate sees "
-            f"{accelerator.num_processes}: on a machine without GPUs launch with ACCELERATE_USE_CPU=1 "
-            "(ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes K ..., "
-            "or ACCELERATE_USE_CPU=1 torchrun ...)"
-        )
-    set_seed(args.seed)
+    output_dir, note, accelerator, checkpoints = begin_run(args)
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     try:
-        checkpoints = Checkpoints(
-            output_dir / "checkpoints", args.keep_checkpoints, resuming=bool(args.resume_from_checkpoint),
-            overwrite=args.overwrite, is_main=accelerator.is_main_process,
-        )  # fmt: skip
         with accelerator.main_process_first():
             data = load_image_data(args.dataset, image_column=args.image_column, label_column=args.label_column)
-    except (ValueError, CheckpointError) as exc:
+    except ValueError as exc:
         args.parser.error(str(exc))
     augment = Augment(data.mean, data.std)
     # A generator of its own: starting an epoch must not draw from the global RNG, or a resume
@@ -225,7 +147,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.parser.error(str(exc))
     replay_model = model  # the wrapper (accelerator.unwrap_model gives the ResNet it wraps)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    optimizer = ReplayOptimizer(optimizer, model, grad_scaler=accelerator.scaler)  # <- replay_opt: line 2
+    try:
+        optimizer = ReplayOptimizer(  # <- replay_opt: line 2
+            optimizer, model, grad_scaler=accelerator.scaler, compensation=args.compensation
+        )
+    except ValueError as exc:
+        args.parser.error(str(exc))
     # Milestones count single-process steps: a prepared scheduler steps once per data-parallel process.
     steps_per_epoch_alone = len(train_loader)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
@@ -244,15 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return (augment(x),), data.train_y[reference_rows].to(accelerator.device)
 
         probe = SigmaProbe(replay_model, loss_fn=F.cross_entropy, every=args.diagnostics_every, reference=reference)
-    progress = Progress()
-    accelerator.register_for_checkpointing(progress)
-    if args.resume_from_checkpoint:
-        try:
-            checkpoint = resolve(args.resume_from_checkpoint, output_dir / "checkpoints")
-        except CheckpointError as exc:
-            args.parser.error(str(exc))
-        accelerator.load_state(str(checkpoint))
-        accelerator.print(f"resumed from {checkpoint} at epoch {progress.epoch}, step {progress.global_step}")
+    progress = progress_resumed(accelerator, args, output_dir)
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)  # W&B's `dir` must exist (else it warns about a git root)
@@ -391,30 +310,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"| {args.model} | {args.dataset} | {args.method.upper()} | {replay_model.num_modules} "
         f"| {results['best_test_error']:.2f} | {results['final_test_error']:.2f} |"
     )
-    plot = output_dir / "results.png"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         from recipes.plot_results import plot_runs
 
-        plot_runs([output_dir / "results.json"], plot)
+        plot_runs([output_dir / "results.json"], output_dir / "results.png")
     accelerator.end_training()
-    where = [
+    headline = (
         f"final test accuracy {100 * progress.last_acc:.2f}% (best {100 * progress.best_acc:.2f}%) "
-        f"after {progress.global_step} steps",
-        f"  results:     {output_dir / 'results.json'}",
-        f"  plot:        {plot}",
-        f"  checkpoints: {output_dir / 'checkpoints'} (latest: {checkpoints.root / 'latest'}; "
-        "resume with --resume-from-checkpoint latest)"
-        if progress.global_step
-        else "",
-    ]
-    if args.report_to == "wandb":
-        where.append(
-            f"  W&B run:     {output_dir / 'wandb'}"
-            + (f" -- {note.split(';')[1].strip().format(dir=output_dir)}" if note else "")
-        )
-    accelerator.print("\n".join(line for line in where if line))
+        f"after {progress.global_step} steps"
+    )
+    accelerator.print(summary(headline, output_dir, checkpoints, args.report_to, note, bool(progress.global_step)))
     return results
 
 

@@ -85,13 +85,17 @@ class Call:
         return ", ".join(parts)
 
 
-def example_call(signature: inspect.Signature | None, example: Any) -> Call:
-    """A ``Call`` from example inputs: a tuple of positional inputs, a dict of keyword inputs, or one tensor."""
+def as_call(example: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` from example inputs: a tuple of positional inputs, a dict of keyword inputs, or one tensor."""
     if isinstance(example, dict):
-        return Call(signature, (), dict(example))
+        return (), dict(example)
     if isinstance(example, (tuple, list)):
-        return Call(signature, tuple(example), {})
-    return Call(signature, (example,), {})
+        return tuple(example), {}
+    return (example,), {}
+
+
+def example_call(signature: inspect.Signature | None, example: Any) -> Call:
+    return Call(signature, *as_call(example))
 
 
 def _describe(value: Any) -> Hashable:

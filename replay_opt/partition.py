@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import TRACERS, Call, CaptureError, Graph, capture, example_call, signature_of
+from .capture import TRACERS, Call, CaptureError, Graph, as_call, capture, signature_of
 from .split import StageModule, is_sequential_split, order_of, split_graph, split_sequential
 from .units import candidate_units, check_names
 
@@ -164,8 +164,7 @@ class Partition:
                 self.split_points = choose_split_points(self, self.units, [True] * len(self.units))
             self._install(Program(None, split_sequential(model, self.split_points), name="nn.Sequential"))
         elif example_inputs is not None:
-            call = example_call(self.signature, example_inputs)
-            self.select(call.args, call.kwargs, training=True)
+            self.select(*as_call(example_inputs), training=True)
         elif capture in ("auto", "fx") and balance != "time":
             self._capture_default_call()
         if balance == "time" and self.split_points is None and example_inputs is None:

@@ -408,6 +408,13 @@ class _FreshStateDict:
         named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
         local_keys = {prefix + name for name, t in named if id(t) in own}
         state_dict.update(wrapper._pipeline.model_state_dict(state_dict, local_keys))
+        # Tied weights stay one tensor under all their names, as in one process (save_pretrained and
+        # safetensors then store them once); every owner holds the same value.
+        first: dict[int, str] = {}
+        for name, t in named:
+            key = first.setdefault(id(t), prefix + name)
+            if prefix + name in state_dict and key in state_dict:
+                state_dict[prefix + name] = state_dict[key]
 
 
 def _to_fp32(out: Any) -> Any:

@@ -78,12 +78,7 @@ def test_spike_compensation_matches_the_hand_written_update(k):
     reference = copy.deepcopy(model)
     data = batches(9, last=5)
     naive_features_replay(sequential_stages(reference, SPLIT[k]), data, hand_optimizers(k, spike=True))
-    wrapper = ReplayModelWrapper(model, split_points=[str(i) for i in SPLIT[k]])
-    opt = ReplayOptimizer(sgd(wrapper.parameters()), wrapper, compensation="spike")
-    for x, y in data:
-        F.cross_entropy(wrapper(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+    run_library(model, data, sgd, compensation="spike", split_points=[str(i) for i in SPLIT[k]])
     assert max_param_diff(model, reference) <= 1e-5
 
 
@@ -93,12 +88,7 @@ def test_warmup_matches_the_hand_written_schedule():
     reference = copy.deepcopy(model)
     data = batches(8)
     naive_features_replay(sequential_stages(reference, SPLIT[k]), data, hand_optimizers(k, spike=False, warmup=5))
-    wrapper = ReplayModelWrapper(model, split_points=[str(i) for i in SPLIT[k]])
-    opt = ReplayOptimizer(sgd(wrapper.parameters()), wrapper, compensation="warmup:5")
-    for x, y in data:
-        F.cross_entropy(wrapper(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+    run_library(model, data, sgd, compensation="warmup:5", split_points=[str(i) for i in SPLIT[k]])
     assert max_param_diff(model, reference) <= 1e-5
 
 
@@ -124,12 +114,7 @@ def test_linear_weight_prediction_matches_the_hand_written_forward():
     opts = [HandSGD(s.parameters(), k - 1 - i, spike=False) for i, s in enumerate(stages)]
     it = iter(opts)
     naive_features_replay([Predicted(s, o) for s, o in zip(stages, opts)], data, lambda _: next(it))
-    wrapper = ReplayModelWrapper(model, split_points=[str(i) for i in SPLIT[k]])
-    opt = ReplayOptimizer(sgd(wrapper.parameters()), wrapper, compensation="lwp")
-    for x, y in data:
-        F.cross_entropy(wrapper(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+    run_library(model, data, sgd, compensation="lwp", split_points=[str(i) for i in SPLIT[k]])
     assert max_param_diff(model, reference) <= 1e-5
 
 
@@ -140,12 +125,7 @@ def test_k1_and_bp_are_unchanged_bit_for_bit(k, method):
     data = batches(6)
     split = {"num_modules": 1} if k == 1 else {"split_points": [str(i) for i in SPLIT[k]], "method": method}
     run_library(plain, data, sgd, **split)
-    wrapper = ReplayModelWrapper(model, **split)
-    opt = ReplayOptimizer(sgd(wrapper.parameters()), wrapper, compensation="spike+lwp+warmup:3")
-    for x, y in data:
-        F.cross_entropy(wrapper(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+    run_library(model, data, sgd, compensation="spike+lwp+warmup:3", **split)
     assert max_param_diff(model, plain) == 0.0
 
 

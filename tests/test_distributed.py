@@ -169,4 +169,5 @@ def test_tied_weights_across_processes_equal_one_process(clusters):
     for rank in ranks:
         torch.testing.assert_close(rank["embed"], model.embed.weight, rtol=0, atol=1e-6)
         torch.testing.assert_close(rank["head"], model.embed.weight, rtol=0, atol=1e-6)
+        assert rank["tied_once"], "the gathered state dict keeps tied weights one tensor"
     assert_same(model, ranks[0]["model"], atol=1e-6)

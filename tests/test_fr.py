@@ -71,9 +71,9 @@ def sequential_stages(model: nn.Sequential, split: list[int]) -> list[nn.Sequent
     return [nn.Sequential(*[model[j] for j in range(bounds[i], bounds[i + 1])]) for i in range(len(bounds) - 1)]
 
 
-def run_library(model, data, make_opt, **wrap):
+def run_library(model, data, make_opt, compensation=None, **wrap):
     wrapper = ReplayModelWrapper(model, **wrap)
-    opt = ReplayOptimizer(make_opt(wrapper.parameters()), wrapper)
+    opt = ReplayOptimizer(make_opt(wrapper.parameters()), wrapper, compensation=compensation)
     for x, y in data:
         loss = F.cross_entropy(wrapper(x), y)
         loss.backward()

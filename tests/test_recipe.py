@@ -32,8 +32,8 @@ SMALL = ["--dataset", "digits", "--model", "resnet8", "--batch-size", "64", "--l
          "--report-to", "none"]  # fmt: skip
 
 
-def run(*args: str) -> dict:
-    """The recipe in this process, as `accelerate launch` would run it in one."""
+def run(*args: str, main=main) -> dict:
+    """A recipe's ``main`` in this process, as `accelerate launch` would run it in one."""
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     try:
@@ -43,7 +43,7 @@ def run(*args: str) -> dict:
         GradientState._reset_state()
 
 
-def launch(*args: str, processes: int = 1, env: dict[str, str] | None = None, timeout: int = 300):
+def launch(*args: str, processes: int = 1, env: dict[str, str] | None = None, timeout: int = 300, script=RECIPE):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
     full_env.update({"OMP_NUM_THREADS": "1" if processes > 1 else "2", "PYTHONUNBUFFERED": "1"}, **(env or {}))
     if processes > 1:  # the documented way on CPU
@@ -51,7 +51,7 @@ def launch(*args: str, processes: int = 1, env: dict[str, str] | None = None, ti
         flags = ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0"]
     else:
         flags = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, str(RECIPE), *args]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, str(ROOT / script), *args]
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
