@@ -594,3 +594,28 @@ def _close_at_exit(ref: weakref.ref[Pipeline]) -> None:
         pipeline.closed = True
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class FreshStateDict:
+    """State-dict hook of the wrapped model with one process per module: the entries of every module come
+    from the rank that trains it (collective: every rank must ask together)."""
+
+    def __init__(self, wrapper: Any) -> None:
+        self.wrapper = weakref.ref(wrapper)
+
+    def __call__(self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        wrapper = self.wrapper()
+        if wrapper is None or wrapper._pipeline is None or wrapper._pipeline.closed:
+            return
+        stage = wrapper._local_stage
+        own = {id(t) for t in [*stage.parameters(), *stage.train.buffers()]}
+        named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        local_keys = {prefix + name for name, t in named if id(t) in own}
+        state_dict.update(wrapper._pipeline.model_state_dict(state_dict, local_keys))
+        # Tied weights stay one tensor under all their names, as in one process (save_pretrained and
+        # safetensors then store them once); every owner holds the same value.
+        first: dict[int, str] = {}
+        for name, t in named:
+            key = first.setdefault(id(t), prefix + name)
+            if prefix + name in state_dict and key in state_dict:
+                state_dict[prefix + name] = state_dict[key]

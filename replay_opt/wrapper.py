@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,7 +14,8 @@ from .distributed import Layout, local_device, pipeline_layout
 from .history import to_device
 from .methods import make_method
 from .partition import Balance, Partition, Program, Stage
-from .pipeline import Pipeline
+from .pipeline import FreshStateDict, Pipeline
+from .precision import check_grad_scaler, pipeline_autocast, to_fp32
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ class ReplayModelWrapper(nn.Module):
             # (replicas average their gradients themselves, per module).
             self._is_accelerate_prepared = True
             # Whoever asks the model for its state dict gets every module's current weights.
-            module._register_state_dict_hook(_FreshStateDict(self))
+            module._register_state_dict_hook(FreshStateDict(self))
             if layout.rank == 0:
                 print(layout.describe(), flush=True)
         self._partition.on_new_program = self._place
@@ -225,13 +224,13 @@ class ReplayModelWrapper(nn.Module):
             if self._optimizer is not None:
                 self._optimizer._compensation.predict()  # linear weight prediction, when asked for
         if self._pipeline is not None:
-            with self._autocast() as precision:
+            with pipeline_autocast(self._pipeline.device.type) as precision:
                 inputs = self._partition.select(args, kwargs, training)
                 if training:
                     out = self._pipeline.train_forward(inputs, (args, kwargs))
                 else:
                     out = self._pipeline.infer(inputs, (args, kwargs), self.training)
-            return _to_fp32(out) if precision == "bf16" else out
+            return to_fp32(out) if precision == "bf16" else out
         if not training:
             return self._inference(args, kwargs)
         inputs = self._partition.select(args, kwargs, True)
@@ -282,23 +281,6 @@ class ReplayModelWrapper(nn.Module):
         assert self._pipeline is not None
         return self._pipeline.stage
 
-    @contextlib.contextmanager
-    def _autocast(self) -> Iterator[str]:
-        # accelerator.prepare leaves a pipeline-parallel model unwrapped: autocast (and the float32
-        # outputs Accelerate gives a bf16 model) are applied here.
-        mode = _accelerate_precision()
-        if mode == "fp16":
-            raise RuntimeError(
-                "fp16 loss scaling is not supported with one process per module (each rank would skip "
-                "steps on its own); use bf16"
-            )
-        if mode == "bf16":
-            assert self._pipeline is not None
-            with torch.autocast(self._pipeline.device.type, dtype=torch.bfloat16):
-                yield mode
-        else:
-            yield mode
-
     def _inference(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._devices is None:
             return self.module(*args, **kwargs)  # one device: the original forward, exactly
@@ -326,14 +308,9 @@ class ReplayModelWrapper(nn.Module):
                 stage.device = device
 
     def _check_grad_scaler(self) -> None:
-        # With one process per module fp16 is refused outright (see _autocast), not scaled.
-        if self._method.grad_scaler is not None or self._pipeline is not None:
-            return
-        if _accelerate_precision() == "fp16":
-            raise RuntimeError(
-                "fp16 training scales the loss, and stale gradients must follow the scale: pass "
-                "`ReplayOptimizer(optimizer, model, grad_scaler=accelerator.scaler)`"
-            )
+        # With one process per module fp16 is refused outright (see pipeline_autocast), not scaled.
+        if self._method.grad_scaler is None and self._pipeline is None:
+            check_grad_scaler()
 
     # ----------------------------------------------------------------------- placement
 
@@ -371,13 +348,6 @@ class ReplayModelWrapper(nn.Module):
         self._method.load_state_dict(state)
 
 
-def _accelerate_precision() -> str:
-    """Accelerate's mixed-precision mode; "no" while no Accelerator exists."""
-    from accelerate.state import AcceleratorState
-
-    return AcceleratorState().mixed_precision if AcceleratorState._shared_state else "no"
-
-
 def _resolve_devices(devices: Sequence[DeviceLike] | None, k: int) -> list[torch.device] | None:
     if devices is None:
         accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
@@ -390,32 +360,3 @@ def _resolve_devices(devices: Sequence[DeviceLike] | None, k: int) -> list[torch
     if len(resolved) != k:
         raise ValueError(f"devices lists {len(resolved)} devices for {k} modules; give exactly one per module")
     return resolved
-
-
-class _FreshStateDict:
-    """State-dict hook of the wrapped model with one process per module: the entries of every module come
-    from the rank that trains it (collective: every rank must ask together)."""
-
-    def __init__(self, wrapper: ReplayModelWrapper) -> None:
-        self.wrapper = weakref.ref(wrapper)
-
-    def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-        wrapper = self.wrapper()
-        if wrapper is None or wrapper._pipeline is None or wrapper._pipeline.closed:
-            return
-        stage = wrapper._local_stage
-        own = {id(t) for t in [*stage.parameters(), *stage.train.buffers()]}
-        named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
-        local_keys = {prefix + name for name, t in named if id(t) in own}
-        state_dict.update(wrapper._pipeline.model_state_dict(state_dict, local_keys))
-        # Tied weights stay one tensor under all their names, as in one process (save_pretrained and
-        # safetensors then store them once); every owner holds the same value.
-        first: dict[int, str] = {}
-        for name, t in named:
-            key = first.setdefault(id(t), prefix + name)
-            if prefix + name in state_dict and key in state_dict:
-                state_dict[prefix + name] = state_dict[key]
-
-
-def _to_fp32(out: Any) -> Any:
-    return tree_map_only(torch.Tensor, lambda t: t.float() if t.dtype in (torch.bfloat16, torch.float16) else t, out)
