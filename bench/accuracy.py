@@ -1,7 +1,7 @@
 """Final test error per method, K and staleness compensation, each at its best learning rate, over seeds.
 
-    python -m bench.accuracy --methods bp fr --modules 2 4 --compensations none spike lwp warmup \\
-        --lrs 0.01 0.02 0.05 --seeds 0 1 2 --epochs 60 --milestones 30 45 --jobs 2
+    python -m bench.accuracy --methods bp fr --modules 4 --compensations none spike+lwp warmup:300 \\
+        --lrs 0.01 0.02 --seeds 0 1 2 --epochs 60 --milestones 30 45 --jobs 2 --out bench/results/accuracy_k4
 
 The protocol (the analogue, at a scale this machine can run, of the paper's Table 2): ResNet-8 on the
 digits bundled with scikit-learn, batch 64, SGD with momentum 0.9 and weight decay 5e-4, the learning
@@ -177,7 +177,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
     p.add_argument("--out", type=Path, default=Path("bench/results/accuracy"))
-    p.add_argument("--from-json", type=Path, default=None, help="re-tabulate saved runs")
+    p.add_argument("--from-json", type=Path, nargs="+", default=None,
+                   help="re-tabulate saved runs (several JSON files of the same protocol: one table)")  # fmt: skip
     return p  # fmt: skip
 
 
@@ -185,10 +186,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.from_json is not None:
-        saved = json.loads(args.from_json.read_text())
-        runs = saved["runs"]
+        saved = [json.loads(path.read_text()) for path in args.from_json]
+        runs = [r for s in saved for r in s["runs"]]
         for name in ("model", "dataset", "epochs", "batch_size", "milestones", "lrs", "seeds", "val_fraction"):
-            setattr(args, name, saved["args"][name])
+            values = {json.dumps(s["args"][name]) for s in saved}
+            if len(values) > 1:
+                raise SystemExit(f"--from-json: the files ran different protocols ({name}: {sorted(values)})")
+            setattr(args, name, saved[0]["args"][name])
     else:
         runs = run_all(args)
     table, _ = tabulate(runs, args)
