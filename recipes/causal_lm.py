@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from recipes.common import add_method_arguments, add_run_arguments, begin_run, progress_resumed, summary
+from recipes.data import go_offline, hub_reachable
 from recipes.text import STDLIB, load_text
 from replay_opt import ReplayModelWrapper, ReplayOptimizer
 
@@ -69,8 +70,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build(name: str, vocab_size: int, block_size: int) -> tuple[torch.nn.Module, Any]:
-    """The model (from a small config, or pretrained from the hub / a directory) and its tokenizer (None: bytes)."""
+def tokenizer_for(name: str) -> Any:
+    """The tokenizer of a hub model or local directory; None (bytes) for the small configs."""
+    if name in CONFIGS:
+        return None
+    import transformers
+
+    if not Path(name).is_dir() and not hub_reachable():
+        go_offline()  # the hub's cache only: fail in seconds, not after minutes of retries
+    try:
+        return transformers.AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise ValueError(f"--model {name!r}: could not load its tokenizer ({reason}); use one of {sorted(CONFIGS)} "
+                         "(no download), or a directory written by save_pretrained") from exc  # fmt: skip
+
+
+def build(name: str, vocab_size: int, block_size: int) -> torch.nn.Module:
+    """A small config trained from scratch, or a pretrained model from the hub / a local directory."""
     import transformers
 
     if name in CONFIGS:
@@ -81,10 +98,8 @@ def build(name: str, vocab_size: int, block_size: int) -> tuple[torch.nn.Module,
                               eos_token_id=vocab_size - 1, **positions, **sizes)  # fmt: skip
         model = getattr(transformers, f"{family}LMHeadModel" if family == "GPT2" else f"{family}ForCausalLM")(config)
         model.loss_type = "ForCausalLM"  # (transformers warns when a model built from a config does not say)
-        return model, None
-    tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(name, use_cache=False)
-    return model, tokenizer
+        return model
+    return transformers.AutoModelForCausalLM.from_pretrained(name, use_cache=False)
 
 
 def lr_lambda(warmup: int, total: int):
@@ -116,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     output_dir, note, accelerator, checkpoints = begin_run(args)
     try:
-        tokenizer = None if args.model in CONFIGS else build(args.model, 0, args.block_size)[1]
+        tokenizer = tokenizer_for(args.model)
         with accelerator.main_process_first():
             data = load_text(args.dataset, block_size=args.block_size, tokenizer=tokenizer,
                              text_column=args.text_column)  # fmt: skip
@@ -128,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               generator=torch.Generator().manual_seed(args.seed), drop_last=True)  # fmt: skip
     val_loader = DataLoader(TensorDataset(data.validation[val_rows]), batch_size=args.batch_size * 2)
 
-    model, _ = build(args.model, data.vocab_size, args.block_size)
+    model = build(args.model, data.vocab_size, args.block_size)
     example = {"input_ids": data.train[:2], "labels": data.train[:2]}
     try:
         model = ReplayModelWrapper(  # <- replay_opt: line 1, split and place

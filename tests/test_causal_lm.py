@@ -133,6 +133,13 @@ def test_bad_or_unreachable_text_fails_fast_naming_the_fix(tmp_path, capsys, dat
     assert message in capsys.readouterr().err
 
 
+def test_an_unreachable_model_fails_fast_naming_the_fix(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit):
+        lm(*TINY, "--model", "no-such-user/no-such-model", "--output-dir", str(tmp_path))
+    assert "gpt2-tiny" in capsys.readouterr().err  # names the models that need no download
+
+
 def test_resume_continues_exactly(tmp_path, local_text):
     common = [*TINY, "--modules", "2", "--steps", "10", "--eval-every", "5", "--dataset", str(local_text / "saved"),
               "--block-size", "16"]  # fmt: skip
