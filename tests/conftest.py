@@ -42,3 +42,14 @@ def max_param_diff(a: nn.Module, b: nn.Module) -> float:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def cpu_cluster():
+    """Two real processes joined by gloo, with ACCELERATE_USE_CPU=1 as the recipes are launched on CPU;
+    shared by the recipes' multi-process tests (starting them costs seconds)."""
+    from cluster import Cluster
+
+    c = Cluster(2, env={"ACCELERATE_USE_CPU": "1"})
+    yield c
+    c.close()

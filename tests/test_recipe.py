@@ -222,30 +222,13 @@ def test_a_damaged_checkpoint_is_detected_naming_the_last_good_one(tmp_path, cap
 
 
 @pytest.mark.slow
-def test_one_process_per_module_trains_and_resumes_exactly(tmp_path):
-    from cluster import Cluster
-
+def test_one_process_per_module_trains_and_resumes_exactly(tmp_path, cpu_cluster):
     common = [*SMALL, "--modules", "2", "--epochs", "2", "--batch-size", "128"]  # 12 steps per epoch
-    cluster = Cluster(2, env={"ACCELERATE_USE_CPU": "1"})
-    try:
-        straight = cluster.run("recipes.resnet_cifar:main", argv=[*common, "--max-steps", "18", "--output-dir",
-                                                                   str(tmp_path / "straight")])  # fmt: skip
-        cluster.run("recipes.resnet_cifar:main", argv=[*common, "--max-steps", "7", "--output-dir",
-                                                        str(tmp_path / "resumed")])  # fmt: skip
-        cluster.run(
-            "recipes.resnet_cifar:main",
-            argv=[
-                *common,
-                "--max-steps",
-                "18",
-                "--output-dir",
-                str(tmp_path / "resumed"),
-                "--resume-from-checkpoint",
-                "latest",
-            ],
-        )
-    finally:
-        cluster.close()
+    run_ = "recipes.resnet_cifar:main"
+    straight = cpu_cluster.run(run_, argv=[*common, "--max-steps", "18", "--output-dir", str(tmp_path / "straight")])
+    cpu_cluster.run(run_, argv=[*common, "--max-steps", "7", "--output-dir", str(tmp_path / "resumed")])
+    cpu_cluster.run(run_, argv=[*common, "--max-steps", "18", "--output-dir", str(tmp_path / "resumed"),
+                                "--resume-from-checkpoint", "latest"])  # fmt: skip
     losses = [loss for _, loss in straight[0]["train_loss_log"]]  # the last module's loss, logged by rank 0
     assert np.mean(losses[-2:]) < np.mean(losses[:2]) and straight[0]["steps"] == 18
     for h0, h1 in zip(straight[0]["history"], straight[1]["history"]):  # every rank reports the last module's metrics
