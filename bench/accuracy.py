@@ -106,7 +106,8 @@ def run_all(args: argparse.Namespace) -> list[dict]:
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     done = {_key(r) for r in runs}
     todo = [s for s in specs if _key(s) not in done]
-    runs = [r for r in runs if _key(r) in {_key(s) for s in specs}]
+    wanted = {_key(s) for s in specs}
+    runs = [r for r in runs if _key(r) in wanted]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
         for n, r in enumerate(pool.map(train, todo), len(runs) + 1):

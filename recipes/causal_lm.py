@@ -26,7 +26,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from recipes.common import add_method_arguments, add_run_arguments, begin_run, progress_resumed, summary
+from recipes.common import (
+    add_method_arguments,
+    add_run_arguments,
+    begin_run,
+    progress_resumed,
+    start_tracking,
+    summary,
+)
 from recipes.data import go_offline, hub_reachable
 from recipes.text import STDLIB, load_text
 from replay_opt import ReplayModelWrapper, ReplayOptimizer
@@ -160,17 +167,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model, optimizer, train_loader, val_loader, scheduler
     )
     progress = progress_resumed(accelerator, args, output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
     run_name = f"{args.method}-K{args.modules}-{args.model.replace('/', '-')}-s{args.seed}"
-    config = {k: v for k, v in vars(args).items() if k != "parser"}
-    config.update(split_points=replay_model.split_points, unigram_perplexity=data.unigram_perplexity)
-    accelerator.init_trackers(
-        args.wandb_project, config=config, init_kwargs={"wandb": {"name": run_name, "dir": str(output_dir)}}
-    )
-    if note:
-        accelerator.print(note.format(dir=output_dir))
-    accelerator.print(replay_model.describe())
+    start_tracking(accelerator, args, output_dir, note, run_name, replay_model,
+                   unigram_perplexity=data.unigram_perplexity)  # fmt: skip
 
     stop = min(args.steps, args.max_steps or args.steps)
     history: list[dict[str, float]] = []

@@ -142,6 +142,28 @@ def progress_resumed(accelerator: Accelerator, args: argparse.Namespace, output_
     return progress
 
 
+def start_tracking(
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    output_dir: Path,
+    note: str | None,
+    run_name: str,
+    replay_model: Any,
+    **config: Any,
+) -> None:
+    """Trackers (W&B / TensorBoard) with the run's flags and ``config``; the offline note and the cut printed."""
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)  # W&B's `dir` must exist (else it warns about a git root)
+    flags = {k: v for k, v in vars(args).items() if k != "parser"}
+    accelerator.init_trackers(
+        args.wandb_project, config={**flags, "split_points": replay_model.split_points, **config},
+        init_kwargs={"wandb": {"name": run_name, "dir": str(output_dir)}},
+    )  # fmt: skip
+    if note:
+        accelerator.print(note.format(dir=output_dir))
+    accelerator.print(replay_model.describe())
+
+
 def summary(headline: str, output_dir: Path, checkpoints: Any, report_to: str, note: str | None, saved: bool) -> str:
     """The end of a run: what it reached, and where the results, plot, checkpoints and W&B run are."""
     lines = [

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -36,15 +37,14 @@ def main() -> None:
 
         plot(runs, args.output)
     else:
-        plot_runs(args.results, args.output)
+        plot_runs(runs, args.output)
     print(f"wrote {args.output}")
 
 
-def plot_runs(results: list[Path], output: Path) -> Path:
+def plot_runs(runs: list[dict[str, Any]], output: Path) -> Path:
     """Training loss against the step and test accuracy against the epoch, one line per run."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for path in results:
-        r = json.loads(path.read_text())
+    for r in runs:
         label = f"{r['method'].upper()} K={r['modules']} {r['model']}"
         steps, losses = zip(*r["train_loss_log"]) if r["train_loss_log"] else ((), ())
         ax_loss.plot(steps, losses, label=label)

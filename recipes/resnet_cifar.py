@@ -26,7 +26,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from recipes.common import add_method_arguments, add_run_arguments, begin_run, peak_memory_mb, progress_resumed, summary
+from recipes.common import (
+    add_method_arguments,
+    add_run_arguments,
+    begin_run,
+    peak_memory_mb,
+    progress_resumed,
+    start_tracking,
+    summary,
+)
 from recipes.data import Augment, load_image_data
 from recipes.models import CIFAR_MODELS, build_model
 from replay_opt import ReplayModelWrapper, ReplayOptimizer, SigmaProbe
@@ -173,19 +181,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         probe = SigmaProbe(replay_model, loss_fn=F.cross_entropy, every=args.diagnostics_every, reference=reference)
     progress = progress_resumed(accelerator, args, output_dir)
 
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)  # W&B's `dir` must exist (else it warns about a git root)
     run_name = f"{args.method}-K{args.modules}-{args.model.replace(':', '-')}-{Path(args.dataset).name}-s{args.seed}"
-    config = {k: v for k, v in vars(args).items() if k != "parser"}
-    config.update(
-        num_modules=replay_model.num_modules, split_points=replay_model.split_points, steps_per_epoch=steps_per_epoch
-    )
-    accelerator.init_trackers(
-        args.wandb_project, config=config, init_kwargs={"wandb": {"name": run_name, "dir": str(output_dir)}}
-    )
-    if note:
-        accelerator.print(note.format(dir=output_dir))
-    accelerator.print(replay_model.describe())
+    start_tracking(accelerator, args, output_dir, note, run_name, replay_model,
+                   num_modules=replay_model.num_modules, steps_per_epoch=steps_per_epoch)  # fmt: skip
 
     max_steps = args.max_steps or args.epochs * steps_per_epoch
     history: list[dict[str, float]] = []  # per-epoch metrics of this run
@@ -311,11 +309,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"| {results['best_test_error']:.2f} | {results['final_test_error']:.2f} |"
     )
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         from recipes.plot_results import plot_runs
 
-        plot_runs([output_dir / "results.json"], output_dir / "results.png")
+        plot_runs([results], output_dir / "results.png")
     accelerator.end_training()
     headline = (
         f"final test accuracy {100 * progress.last_acc:.2f}% (best {100 * progress.best_acc:.2f}%) "

@@ -17,8 +17,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
-from .capture import Call, Graph, capture, example_call, signature_of
-from .split import is_sequential_split, order_of, split_graph, split_sequential
+from .capture import Call, Graph, capture, example_call, signature_of, training_mode
+from .split import is_sequential_split, split_graph, split_sequential, units_in_order
 from .units import balanced_starts, candidate_units
 
 if TYPE_CHECKING:
@@ -92,9 +92,7 @@ def profile(
         units = candidate_units(model)
         if not isinstance(model, nn.Sequential):
             graph = graph or capture(model, call, True, leaves=set(units))
-            order = order_of(graph, units)
-            units = sorted((u for u in units if order[u][1] > 0), key=lambda u: order[u][0])
-            allowed = [order[u][1] == 1 for u in units]
+            units, allowed = units_in_order(graph, units)
     allowed = allowed or [True] * len(units)
     starts = [u for u, ok in zip(units[1:], allowed[1:]) if ok]
     if is_sequential_split(model, starts):
@@ -107,11 +105,9 @@ def profile(
     sync = torch.get_device_module(device.type).synchronize if device.type != "cpu" else (lambda: None)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     grads = {p: p.grad for p in model.parameters()}
-    was = {m: m.training for m in model.modules()}
-    model.train()
     out_profiles = []
     try:
-        with torch.random.fork_rng(devices=[]):
+        with training_mode(model, True), torch.random.fork_rng(devices=[]):
             x: tuple[Any, ...] = call.tensors
             for name, stage in tqdm(list(zip(heads, stages)), desc="timing units (balance='time')", leave=False):
                 inputs = tuple(
@@ -142,6 +138,4 @@ def profile(
         model.load_state_dict(state)
         for p, g in grads.items():
             p.grad = g
-        for m, mode in was.items():
-            m.training = mode
     return out_profiles

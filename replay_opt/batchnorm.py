@@ -24,12 +24,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 @contextlib.contextmanager
 def frozen_running_stats(module: nn.Module) -> Iterator[None]:
-    frozen = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    modules = list(module.modules())
+    frozen = [m for m in modules if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
     for m in frozen:
         m.track_running_stats = False
     try:
         with contextlib.ExitStack() as stack:
-            for m in module.modules():
+            for m in modules:
                 if hasattr(m, "frozen_running_stats"):
                     stack.enter_context(m.frozen_running_stats())
             yield

@@ -163,7 +163,7 @@ def capture(model: nn.Module, call: Call, training: bool, *, leaves: set[str], t
             return cached
         start = time.perf_counter()
         try:
-            with _mode(model, training), torch.random.fork_rng(devices=[]):
+            with training_mode(model, training), torch.random.fork_rng(devices=[]):
                 module, out_spec, exported = (_trace_fx if name == "fx" else _trace_export)(model, call, leaves)
         except Exception as exc:  # a tracer's own failure: try the next one, report all
             failures[name] = exc
@@ -195,7 +195,8 @@ def _explain(model: nn.Module, call: Call, failures: dict[str, BaseException]) -
 
 
 @contextlib.contextmanager
-def _mode(model: nn.Module, training: bool) -> Iterator[None]:
+def training_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """``model`` (every submodule) in train or eval mode inside the block, as it was after."""
     was = {m: m.training for m in model.modules()}
     model.train(training)
     try:

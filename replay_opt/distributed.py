@@ -350,10 +350,10 @@ class Transport:
             dist.all_gather_object(out, obj, group=self.meta)
         return out
 
-    def all_reduce(self, value: torch.Tensor, what: str) -> torch.Tensor:
+    def all_reduce(self, value: torch.Tensor, what: str, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
         out = value.detach().cpu().clone()
         with self._guard(what):
-            dist.all_reduce(out, group=self.meta)
+            dist.all_reduce(out, op=op, group=self.meta)
         return out
 
     def barrier(self) -> None:

@@ -62,7 +62,6 @@ class ReplayOptimizer(torch.optim.Optimizer):
         self._method.grad_scaler = grad_scaler
         self._method.bind(optimizer)
         self._compensation = Compensation(compensation, optimizer, self._delays())
-        self._programs_seen = len(model._partition.programs())
         model._optimizer = self
 
     def _delays(self) -> dict[int, int]:
@@ -132,9 +131,6 @@ class ReplayOptimizer(torch.optim.Optimizer):
                 if id(p) not in live and p.grad is not None:
                     hidden.append((p, p.grad))
                     p.grad = None
-        programs = len(self.model._partition.programs())
-        if programs != self._programs_seen:  # a model captured at its first forward (or a new call signature)
-            self._compensation.delays, self._programs_seen = self._delays(), programs
         try:
             self._compensation.step(self.optimizer.step)
         finally:
@@ -171,6 +167,12 @@ class ReplayOptimizer(torch.optim.Optimizer):
         self._drop_foreign_state()
         if replay is not None:
             self.model.load_replay_state_dict(replay)
+
+    def _on_new_program(self) -> None:
+        """A program captured after construction (first forward, new call signature): the delays of its
+        modules' parameters, and with one process per module no state for parameters of other ranks."""
+        self._compensation.delays = self._delays()
+        self._drop_foreign_state()
 
     def _drop_foreign_state(self) -> None:
         """With one process per module: keep optimizer state only for this rank's parameters (once they are known)."""

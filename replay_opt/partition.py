@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .capture import TRACERS, Call, CaptureError, Graph, as_call, capture, signature_of
-from .split import StageModule, is_sequential_split, order_of, split_graph, split_sequential
+from .split import StageModule, is_sequential_split, split_graph, split_sequential, units_in_order
 from .units import candidate_units, check_names
 
 logger = logging.getLogger(__name__)
@@ -270,14 +270,13 @@ class Partition:
 
     def _units_in_order(self, graph: Graph) -> tuple[list[str], list[bool]]:
         """The units the call runs, in execution order, and whether each runs once (may begin a module)."""
-        order = order_of(graph, self.units)
-        called = sorted((u for u in self.units if order[u][1] > 0), key=lambda u: order[u][0])
+        called, once = units_in_order(graph, self.units)
         if len(called) < self.num_modules:
             raise ValueError(
                 f"num_modules={self.num_modules} but this call of {type(self.model).__name__} runs only "
                 f"{len(called)} units ({', '.join(called)}); use fewer modules or pass split_points"
             )
-        return called, [order[u][1] == 1 for u in called]
+        return called, once
 
     def _capture_default_call(self) -> None:
         """Trace now with torch.fx when the model can be called with tensors for its required arguments
@@ -300,14 +299,6 @@ class Partition:
         program = self._capture(call, True, call.key(True), graph)
         names = [p.name for p in self.signature.parameters.values()][: len(args)]
         program.name = f"train: {', '.join(names)} (at construction)"
-
-    # ----------------------------------------------------------------------- description
-
-    def describe_units(self, index: int) -> str:
-        if not self.split_points and self.num_modules > 1:
-            return "(chosen at the first forward)"
-        points = self.split_points or []
-        return f"from {points[index - 1] if index else '(input)'}"
 
 
 def _check_balance(balance: Balance, num_modules: int) -> None:

@@ -186,16 +186,16 @@ class Pipeline:
         """Combine this optimizer step's gradients, once: tied weights summed over the modules that share
         them, then each module averaged over replicas.  Returns the ids of the tied parameters to update."""
         self.finish_step()
-        live: set[int] = set()
         if self._reduced:
             return self._tied_live
+        live: set[int] = set()
         s = self.layout.stage
         updated = bool(self.method.updated_stages()[s]) if self.layout.num_modules > 1 else True
+        header = self._header(Kind.TIED, self._batch)
         for p, owners in self._tied:
             if s not in owners:
                 continue
             mine = p.grad if p.grad is not None else torch.zeros_like(p)
-            header = self._header(Kind.TIED, self._batch)
             for o in owners:
                 if o != s:
                     self.transport.send(o, header, (mine, torch.tensor(float(updated))))
@@ -223,7 +223,7 @@ class Pipeline:
         """``torch.nn.utils.clip_grad_norm_`` over the whole model: every module's gradients, each shared
         parameter once, after the replicas' average."""
         self.reduce_gradients()
-        wanted = {id(p) for p in (parameters if isinstance(parameters, (list, tuple)) else list(parameters))}
+        wanted = {id(p) for p in parameters}
         s = self.layout.stage
         first_owner = {id(p): owners[0] for p, owners in self._tied}
         grads = [
@@ -232,30 +232,19 @@ class Pipeline:
             if p.grad is not None and id(p) in wanted and first_owner.get(id(p), s) == s
         ]
         norm_type = float(norm_type)
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)  # one device-to-host copy, below
+        what = "computing the global gradient norm"
         if norm_type == float("inf"):
-            local = max(
-                (g.detach().abs().max().double().cpu() for g in grads), default=torch.zeros((), dtype=torch.float64)
-            )
-            total = self._pipeline_max(local)
+            local = max((g.detach().abs().max().double() for g in grads), default=zero)
+            total = self.transport.all_reduce(local, what, op=torch.distributed.ReduceOp.MAX)
         else:
-            local = sum(
-                (g.detach().double().abs().pow(norm_type).sum().cpu() for g in grads),
-                torch.zeros((), dtype=torch.float64),
-            )
-            total = (self.transport.all_reduce(local, "computing the global gradient norm") / self.layout.replicas).pow(
-                1.0 / norm_type
-            )
+            local = sum((g.detach().double().abs().pow(norm_type).sum() for g in grads), zero)
+            total = (self.transport.all_reduce(local, what) / self.layout.replicas).pow(1.0 / norm_type)
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for p in self.stage.parameters():
             if p.grad is not None and id(p) in wanted:
                 p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
         return total.to(torch.float32)
-
-    def _pipeline_max(self, local: torch.Tensor) -> torch.Tensor:
-        out = local.clone()
-        with self.transport._guard("computing the global gradient norm"):
-            torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX, group=self.transport.meta)
-        return out
 
     # ----------------------------------------------------------------------- inference
 
@@ -609,7 +598,7 @@ class FreshStateDict:
             return
         stage = wrapper._local_stage
         own = {id(t) for t in [*stage.parameters(), *stage.train.buffers()]}
-        named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        named = _tensors(module)
         local_keys = {prefix + name for name, t in named if id(t) in own}
         state_dict.update(wrapper._pipeline.model_state_dict(state_dict, local_keys))
         # Tied weights stay one tensor under all their names, as in one process (save_pretrained and

@@ -167,6 +167,13 @@ def order_of(graph: Graph, names: Sequence[str]) -> dict[str, tuple[int, int]]:
     return out
 
 
+def units_in_order(graph: Graph, units: Sequence[str]) -> tuple[list[str], list[bool]]:
+    """The units the graph runs, in execution order, and whether each runs once (may begin a module)."""
+    order = order_of(graph, units)
+    called = sorted((u for u in units if order[u][1] > 0), key=lambda u: order[u][0])
+    return called, [order[u][1] == 1 for u in called]
+
+
 def split_graph(graph: Graph, model: nn.Module, split_points: list[str]) -> list[StageModule]:
     """K stage modules computing, one after another, what the captured graph computes."""
     gm = graph.module

@@ -135,11 +135,11 @@ class ReplayModelWrapper(nn.Module):
         """Put a new program's stage modules on their devices (one process per module: this rank's only)."""
         if self._pipeline is not None:
             self._pipeline.on_new_program(program, self.split_points)
-            if self._optimizer is not None:
-                self._optimizer._drop_foreign_state()
         elif self._devices is not None:
             for stage, module in zip(self._stages, program.stages):
                 module.to(stage.device)
+        if self._optimizer is not None:
+            self._optimizer._on_new_program()
 
     # ----------------------------------------------------------------------- public
 
@@ -269,12 +269,6 @@ class ReplayModelWrapper(nn.Module):
             put_on_device=True,
             **kwargs,
         )
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
-        """As ``nn.Module.state_dict`` (the model's under ``module.``).  With one process per module it is
-        collective, like ``self.module.state_dict()``: call it on every rank; each module's entries come
-        from the rank that trains it."""
-        return super().state_dict(*args, **kwargs)
 
     @property
     def _local_stage(self) -> Stage:

@@ -51,7 +51,7 @@ class Cluster:
         self.close()
         key = secrets.token_bytes(16)
         listener = Listener(("127.0.0.1", 0), authkey=key)
-        port = _free_port()
+        port = free_port()
         self.workers = []
         for rank in range(self.world):
             env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(self.world),
@@ -118,7 +118,7 @@ class Cluster:
         self.workers = []
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

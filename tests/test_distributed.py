@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,19 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from cluster import Cluster, TaskFailed
+from cluster import Cluster, TaskFailed, free_port
 from conftest import batches, mlp
 
 from replay_opt import ReplayModelWrapper, ReplayOptimizer
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 SPLITS = {1: [], 2: ["6"], 3: ["4", "8"], 4: ["2", "6", "8"]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(world: int, *args: str, timeout: float = 240) -> list[subprocess.CompletedProcess]:
