@@ -57,22 +57,32 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run(config: dict, common: list[str]) -> float:
-    procs = config["processes"]
-    port = _free_port()
-    env_base = {**os.environ, "OMP_NUM_THREADS": str(config["threads"]), "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port), "WORLD_SIZE": str(procs)}  # fmt: skip
-    cmd = [sys.executable, "-m", "bench.parallel", "--worker", "--threads", str(config["threads"]),
-           "--method", config["method"], "--modules", str(config["modules"]), *common]  # fmt: skip
+    cmd = ["--worker", "--threads", str(config["threads"]), "--method", config["method"],
+           "--modules", str(config["modules"]), *common]  # fmt: skip
     if config.get("split_points"):
         cmd += ["--split-points", config["split_points"]]
+    out = launch("bench.parallel", cmd, config["processes"], config["threads"], config["name"])
+    return out["samples_per_s"]
+
+
+def launch(module: str, argv: list[str], processes: int, threads: int, name: str) -> dict:
+    """``python -m module argv`` in ``processes`` fresh ranks (torchrun's environment); rank 0's last JSON line."""
+    port = _free_port()
+    env_base = {**os.environ, "OMP_NUM_THREADS": str(threads), "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port), "WORLD_SIZE": str(processes)}  # fmt: skip
     running = [
-        subprocess.Popen(cmd, env={**env_base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, text=True)
-        for r in range(procs)
+        subprocess.Popen(
+            [sys.executable, "-m", module, *argv],
+            env={**env_base, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(processes)
     ]
     outs = [p.communicate()[0] for p in running]
     if any(p.returncode for p in running):
-        raise RuntimeError(f"{config['name']} failed")
-    return json.loads(outs[0].strip().splitlines()[-1])["samples_per_s"]
+        raise RuntimeError(f"{name} failed (exit codes {[p.returncode for p in running]})")
+    return json.loads(outs[0].strip().splitlines()[-1])
 
 
 def _free_port() -> int:

@@ -22,15 +22,17 @@ from torch.utils._pytree import tree_map_only
 class StaleGradients:
     """Replayed outputs and the gradients to push into them, delivered once per step.
 
-    ``on_backward``, when given, runs once when the whole backward pass has finished
-    (after every gradient, on every device, is in place): the multi-process pipeline
-    sends its gradients down and averages over replicas there.
+    ``grads`` may be a callable returning them, called inside the backward pass (the
+    multi-process ``method="bp"``: the gradient of this step's output, which the next
+    process is computing meanwhile).  ``on_backward``, when given, runs once when the
+    whole backward pass has finished (after every gradient, on every device, is in
+    place): the multi-process pipeline sends its gradients down there.
     """
 
     def __init__(
         self,
         outputs: list[torch.Tensor],
-        grads: list[torch.Tensor],
+        grads: list[torch.Tensor] | Callable[[], list[torch.Tensor | None]],
         on_backward: Callable[[], None] | None = None,
     ) -> None:
         self.outputs = outputs
@@ -50,11 +52,12 @@ class _Join(torch.autograd.Function):
         stale: StaleGradients = ctx.stale
         # Every tensor of the output carries a join; whichever the loss reaches first delivers.
         if stale.delivered:
-            return (None, grad_output, *(None for _ in stale.grads))
+            return (None, grad_output, *(None for _ in stale.outputs))
         stale.delivered = True
         if stale.on_backward is not None:
             torch.autograd.Variable._execution_engine.queue_callback(stale.on_backward)
-        return (None, grad_output, *stale.grads)
+        grads = stale.grads() if callable(stale.grads) else stale.grads
+        return (None, grad_output, *grads)
 
 
 def join(output: Any, stale: StaleGradients) -> Any:

@@ -45,7 +45,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .distributed import OPS, POINTS, Header, Kind, Layout, Op, PipelineError, Transport, fingerprint
 from .history import detached, to_device
 from .join import StaleGradients, join
-from .methods.base import Method
+from .methods.base import Method, as_leaves
+from .methods.bp import Backprop
 from .methods.stale import StaleGradientMethod, grads_of
 from .partition import Program, Stage, WholeCall
 
@@ -63,10 +64,10 @@ class Pipeline:
         model: torch.nn.Module,
     ):
         k = layout.num_modules
-        if k > 1 and not isinstance(method, StaleGradientMethod):
+        if k > 1 and not isinstance(method, (StaleGradientMethod, Backprop)):
             raise ValueError(
-                f"method={method.name!r} runs in one process; with one process per module use method='fr' or "
-                "'ddg' (any method works with num_modules=1 and data-parallel replicas)"
+                f"method={method.name!r} runs in one process; with one process per module use method='fr', "
+                "'ddg' or 'bp' (any method works with num_modules=1 and data-parallel replicas)"
             )
         self.layout = layout
         self.method = method
@@ -117,11 +118,15 @@ class Pipeline:
         self.transport.tick = self.ticks
         self.transport.prune()
         batch = _batch_size(call)
+        if not isinstance(self.method, StaleGradientMethod):  # (those reset it in begin_step)
+            self.method._stepped = self.method._zeroed = False
         if self.layout.num_modules == 1:  # data parallel only: the method as in one process
             out = self.method.forward(inputs)
             stale = StaleGradients([], [], on_backward=_noop)
             self._pending, self.ticks = stale, self.ticks + 1
             return join(out, stale)
+        if isinstance(self.method, Backprop):
+            return self._train_forward_exact(inputs, call, batch)
         m, s, k = self.method, self.layout.stage, self.layout.num_modules
         assert isinstance(m, StaleGradientMethod)
         restored = m._restored
@@ -152,6 +157,36 @@ class Pipeline:
         self._pending, self.ticks = stale, self.ticks + 1
         return join(out, stale)
 
+    def _train_forward_exact(self, inputs: tuple[Any, ...], call: Any, batch: int) -> Any:
+        """``method="bp"``: naive model parallelism.  The forward goes up through every module in turn;
+        inside ``loss.backward()`` this rank waits (bounded) for the gradient of this step's output from
+        module s+1, back-propagates it, and sends the gradient of its input down at once."""
+        s, k = self.layout.stage, self.layout.num_modules
+        header = self._header(Kind.ACTIVATIONS, batch, call, self.ticks < FINGERPRINTED_STEPS)
+        x = self._receive_input(Kind.ACTIVATIONS, inputs, header, "the activations of a training step")
+        x = as_leaves(x) if s > 0 else x
+        self._batch = batch
+        out = self.method.run_stage(self.stage, x)
+
+        def send_down() -> None:  # the end of this rank's backward: module s-1 is waiting for it
+            if s > 0:
+                self.transport.send(s - 1, self._header(Kind.GRADIENT, batch), grads_of(x))
+
+        if s == k - 1:
+            exact = StaleGradients([], [], on_backward=send_down)
+        else:
+            self.transport.send(s + 1, header, out)
+            wired = [i for i, v in enumerate(out) if isinstance(v, torch.Tensor) and v.requires_grad]
+
+            def output_gradient() -> list[torch.Tensor | None]:
+                _, values = self._recv(s + 1, Kind.GRADIENT, "the gradient of this step's output (method='bp')")
+                return [values[i] for i in wired]
+
+            exact = StaleGradients([out[i] for i in wired], output_gradient, on_backward=send_down)
+            out = self._placeholder(call, requires_grad=True)
+        self._pending, self.ticks = exact, self.ticks + 1
+        return join(out, exact)
+
     def finish_step(self, only_if_done: bool = False) -> None:
         """Send the last training step's gradient down (or "discarded"); once, at step() or the next forward.
         ``only_if_done``: at a collective point, which may come between a forward and its backward (gathering
@@ -160,7 +195,7 @@ class Pipeline:
         if stale is None:
             return
         m, s = self.method, self.layout.stage
-        discarded = isinstance(m, StaleGradientMethod) and m._discarded_last_step()
+        discarded = m._discarded_last_step()
         if only_if_done and not stale.delivered and not discarded:
             return
         self._pending = None
@@ -437,7 +472,11 @@ class Pipeline:
         """A stale gradient that arrived ahead of another message on the same channel (a sync, a tied
         weight's gradient): keep it for the next step, as a checkpoint would."""
         m, s, k = self.method, self.layout.stage, self.layout.num_modules
-        assert isinstance(m, StaleGradientMethod)
+        if not isinstance(m, StaleGradientMethod):
+            raise PipelineError(
+                f"rank {self.layout.rank}: module {s + 2} sent a gradient outside this rank's backward(); with "
+                "method='bp' every process must call backward() on the output of each training forward"
+            )
         if m._restored is not None:
             raise PipelineError(f"rank {self.layout.rank}: two stale gradients arrived for one step")
         restored: list[Any] = [None] * (k - 1)

@@ -11,6 +11,11 @@ boundary transfer time c_k = latency + bytes_k / bandwidth, one training step ta
 * GPipe with M micro-batches (fill and drain):         sum_k (f_k + c_k) + (M-1) max_k (f_k + c_k)
                                                        + the same for b_k,  with f_k = F_k / M, b_k = B_k / M,
                                                        c_k for a micro-batch
+* 1F1B with M micro-batches: the same bubble as GPipe (it only reorders the steady state so that
+  at most K micro-batches' activations are alive instead of M)
+* DDP over K devices (B/K samples each):               sum_k (F_k + B_k) / K + a ring all-reduce of the
+                                                       gradients, 2 (K-1)/K * bytes / bandwidth + 2 (K-1) latency
+                                                       (not overlapped with the backward pass: an upper bound)
 * DDG, one process per module (no one waits):          max_k (F_k + B_k + c_k)
 * FR, one process per module:                          max_k (2 F_k + B_k + c_k, k < K;  F_K + B_K)
   (module k < K plays and replays; the last module only plays)
@@ -62,10 +67,17 @@ def _modules(units: Sequence[UnitProfile], starts: Sequence[int]) -> list[tuple[
 
 
 def simulate(
-    units: Sequence[UnitProfile], starts: Sequence[int], link: Link = DEFAULT_LINK, microbatches: int = 4
+    units: Sequence[UnitProfile],
+    starts: Sequence[int],
+    link: Link = DEFAULT_LINK,
+    microbatches: int = 4,
+    replicas: int | None = None,
 ) -> dict[str, float]:
-    """Predicted seconds per training step on K = len(starts) + 1 devices, per schedule."""
+    """Predicted seconds per training step on K = len(starts) + 1 devices, per schedule
+    (``replicas``: the devices DDP spreads the batch over; K by default)."""
     mods = _modules(units, starts)
+    d = replicas or len(mods)
+    param_bytes = 4 * sum(u.params for u in units)
     comm = [link.time(nbytes) for _, _, nbytes in mods[:-1]]
     out = [*comm, 0.0]  # what each module sends on; the last sends nothing
     m = microbatches
@@ -73,10 +85,14 @@ def simulate(
     fill = [f / m + c for (f, _, _), c in zip(mods, micro)]
     drain = [b / m + c for (_, b, _), c in zip(mods, micro)]
     fr_work = [2 * f + b for f, b, _ in mods[:-1]] + [mods[-1][0] + mods[-1][1]]
+    one_device = sum(u.forward_s + u.backward_s for u in units)
+    gpipe = sum(fill) + (m - 1) * max(fill) + sum(drain) + (m - 1) * max(drain)
     return {
-        "one_device": sum(u.forward_s + u.backward_s for u in units),
+        "one_device": one_device,
+        "ddp": one_device / d + (2 * (d - 1) * (link.latency + param_bytes / d / link.bandwidth) if d > 1 else 0.0),
         "bp": sum(f + b for f, b, _ in mods) + 2 * sum(comm),
-        "gpipe": sum(fill) + (m - 1) * max(fill) + sum(drain) + (m - 1) * max(drain),
+        "gpipe": gpipe,
+        "1f1b": gpipe,
         "ddg": max(f + b + c for (f, b, _), c in zip(mods, out)),
         "fr": max(w + c for w, c in zip(fr_work, out)),
     }
@@ -128,7 +144,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-modules", type=int, default=8)
     p.add_argument("--bandwidth", type=float, default=25e9, help="bytes/s between neighbouring devices")
     p.add_argument("--latency", type=float, default=2e-5, help="seconds per message")
-    p.add_argument("--microbatches", type=int, default=4, help="GPipe micro-batches")
+    p.add_argument("--microbatches", type=int, default=4, help="GPipe/1F1B micro-batches")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="write the profile and the table here")
     return p
@@ -145,11 +161,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = recommend(units, args.max_modules, link, args.microbatches)
     print(f"{args.model}, batch {args.batch_size}, profiled on {args.device}; link {args.bandwidth:.3g} B/s, "
           f"{args.latency:.1e} s; GPipe with {args.microbatches} micro-batches; seconds per step")  # fmt: skip
-    print("| K | FR split points | 1 device | BP | GPipe | DDG | FR | FR speed-up |\n|---|---|---|---|---|---|---|---|")
+    print("| K | FR split points | 1 device | DDP | BP | GPipe/1F1B | DDG | FR | FR speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['K']} | {', '.join(r['split_points']) or '-'} | {r['one_device_s']:.4f} | {r['bp_s']:.4f} | "
-            f"{r['gpipe_s']:.4f} | {r['ddg_s']:.4f} | {r['fr_s']:.4f} | {r['fr_speedup']:.2f}x |"
+            f"| {r['K']} | {', '.join(r['split_points']) or '-'} | {r['one_device_s']:.4f} | {r['ddp_s']:.4f} | "
+            f"{r['bp_s']:.4f} | {r['gpipe_s']:.4f} | {r['ddg_s']:.4f} | {r['fr_s']:.4f} | {r['fr_speedup']:.2f}x |"
         )
     best = min(rows, key=lambda r: r["fr_s"])
     good = next(r for r in rows if r["fr_s"] <= 1.05 * best["fr_s"])

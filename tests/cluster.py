@@ -90,7 +90,7 @@ class Cluster:
                         status, value = "error", f"(process ended with code {worker.process.poll()})"
                     (results if status == "ok" else errors)[rank] = value
                     if status != "ok":  # the others are left waiting on it: let them report, briefly
-                        deadline = min(deadline, time.monotonic() + 4)
+                        deadline = min(deadline, time.monotonic() + 2)
                 elif worker.process.poll() is not None:
                     errors[rank] = f"(process ended with code {worker.process.returncode})"
             if time.monotonic() > deadline and len(results) + len(errors) < self.world:

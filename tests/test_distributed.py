@@ -47,11 +47,15 @@ def launch(world: int, *args: str, timeout: float = 240) -> list[subprocess.Comp
 
 
 def single_process(k: int, replicas: int, steps: int, method: str = "fr") -> tuple[torch.nn.Module, list[float]]:
-    """The same training in one process: batch t of the D replicas concatenated (no BatchNorm, so equal)."""
+    """The same training in one process: batch t of the D replicas concatenated (no BatchNorm, so equal).
+    For ``bp``, plain autograd on the unwrapped model: naive model parallelism must be exactly backprop."""
     torch.manual_seed(0)
     model = mlp(depth=6)
-    wrapper = ReplayModelWrapper(model, split_points=SPLITS[k] or None, num_modules=k, method=method)
-    opt = ReplayOptimizer(torch.optim.SGD(wrapper.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4), wrapper)
+    if method == "bp":
+        wrapper, opt = model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    else:
+        wrapper = ReplayModelWrapper(model, split_points=SPLITS[k] or None, num_modules=k, method=method)
+        opt = ReplayOptimizer(torch.optim.SGD(wrapper.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4), wrapper)
     data = batches(steps * replicas, last=5)
     losses = []
     for t in range(steps):
@@ -98,8 +102,8 @@ def clusters():
 
 @pytest.mark.parametrize(
     ("world", "k", "method"),
-    [(2, 2, "fr"), pytest.param(4, 2, "fr", marks=pytest.mark.slow), pytest.param(3, 3, "ddg", marks=pytest.mark.slow),
-     (2, 1, "dni")],
+    [(2, 2, "fr"), pytest.param(4, 2, "fr", marks=pytest.mark.slow), pytest.param(4, 4, "ddg", marks=pytest.mark.slow),
+     (2, 1, "dni"), (2, 2, "bp"), pytest.param(4, 2, "bp", marks=pytest.mark.slow)],
 )  # fmt: skip
 def test_matches_the_single_process_engine(clusters, world, k, method):
     steps = 8
@@ -139,8 +143,8 @@ def test_a_killed_rank_stops_the_others_with_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_world_size_not_divisible_is_a_clear_error(clusters):
-    with pytest.raises(TaskFailed, match="not divisible by num_modules=2"):
-        clusters(3).run("dist_worker:train", modules=2)
+    with pytest.raises(TaskFailed, match="not divisible by num_modules=3"):
+        clusters(4).run("dist_worker:train", modules=3)
 
 
 def test_tied_weights_across_processes_equal_one_process(clusters):

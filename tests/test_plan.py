@@ -29,8 +29,18 @@ def test_simulate_formulas():
     fill = [1 / 2 + cm, 3 / 2]
     drain = [2 / 2 + cm, 5 / 2]
     assert t["gpipe"] == pytest.approx(sum(fill) + max(fill) + sum(drain) + max(drain))
+    assert t["1f1b"] == t["gpipe"]  # the same bubble; 1F1B differs in memory
     single = simulate(us, [], link)
-    assert single["fr"] == single["bp"] == single["gpipe"] == pytest.approx(11.0)
+    assert single["fr"] == single["bp"] == single["gpipe"] == single["ddp"] == pytest.approx(11.0)
+
+
+def test_simulate_ddp():
+    us = [UnitProfile("a", 1.0, 2.0, 100, 1000), UnitProfile("b", 3.0, 2.0, 100, 1500)]  # 2500 params: 10 kB
+    link = Link(bandwidth=1000.0, latency=0.25)
+    for d in (2, 4):
+        # B/d samples per device, then a ring all-reduce: 2 (d-1) messages of 10 kB / d each.
+        expected = 8.0 / d + 2 * (d - 1) * (0.25 + 10_000 / d / 1000.0)
+        assert simulate(us, [1], link, replicas=d)["ddp"] == pytest.approx(expected)
 
 
 def test_best_fr_cut_is_optimal():

@@ -1,14 +1,15 @@
 """The ResNet recipe end to end: digits, local `datasets` files, W&B offline, checkpoints, resume.
 
 Most runs call ``recipes.resnet_cifar.main`` in this process (the code `accelerate launch` runs,
-without starting an interpreter); two go through the real `accelerate launch` (one process, and
-two processes with gloo), and the multi-process resume runs in ``tests/cluster.py`` processes.
+without starting an interpreter); one goes through the real `accelerate launch` (two processes
+with gloo), and the multi-process resume runs in ``tests/cluster.py`` processes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -68,39 +69,38 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_launcher_trains_digits_logs_to_wandb_offline_and_checkpoints(tmp_path):
+def test_the_launcher_runs_one_process_per_module_logs_to_wandb_offline_and_checkpoints(tmp_path):
     out = tmp_path / "run"
-    r = launch(*SMALL[:-2], "--modules", "2", "--epochs", "3", "--max-steps", "32", "--diagnostics-every", "15",
-               "--output-dir", str(out), "--report-to", "wandb", env={"HOME": str(tmp_path)})  # fmt: skip
+    r = launch(*SMALL[:-2], "--modules", "2", "--epochs", "3", "--max-steps", "24", "--output-dir", str(out),
+               "--report-to", "wandb", processes=2, env={"HOME": str(tmp_path)})  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "replica 0: module 1: rank 1, module 2: rank 0" in r.stdout
+    assert "terminate called" not in r.stderr
     results = json.loads((out / "results.json").read_text())
     losses = [loss for _, loss in results["train_loss_log"]]
-    assert len(losses) == 8 and np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3])
-    assert results["steps"] == 32 and results["method"] == "fr" and results["modules"] == 2
-    assert [d["step"] for d in results["diagnostics"]] == [0, 15, 30]
-    assert np.isnan(results["diagnostics"][0]["sigma_staleness"][0])  # module 1 has not started at step 0
-    last = results["diagnostics"][-1]
-    assert last["sigma_staleness"][1] == pytest.approx(1.0, abs=1e-4)  # the last module: no staleness
-    assert all(np.isfinite(last["sigma_expected"]))
+    assert len(losses) == 6 and np.mean(losses[-2:]) < 0.9 * np.mean(losses[:2])
+    assert results["steps"] == 24 and results["method"] == "fr" and results["modules"] == 2
     runs = list((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "a W&B offline run directory"
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "one W&B offline run directory (the main process's)"
     assert "wandb sync" in r.stdout + r.stderr
     assert "| resnet8 | digits | FR | 2 |" in r.stdout
-    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000023", "step_00000032"]
-    assert (out / "checkpoints" / "latest").read_text() == "step_00000032"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000023", "step_00000024"]
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000024"
     for where in ("results.json", "results.png", "checkpoints", "wandb"):
         assert str(out / where) in r.stdout  # the end of the run says where everything is
     assert (out / "results.png").stat().st_size > 10_000
 
 
-# an epoch boundary, mid-epoch (both slow: tests/test_causal_lm.py resumes in the fast subset)
-@pytest.mark.parametrize("stop_at", [pytest.param(12, marks=pytest.mark.slow), pytest.param(5, marks=pytest.mark.slow)])
-def test_resume_continues_exactly(tmp_path, stop_at):
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path):
+    """Stopped mid-epoch (5) and at an epoch boundary (12), resumed: the weights of the straight run."""
     common = [*SMALL, "--modules", "3", "--epochs", "2", "--batch-size", "128"]  # 12 steps per epoch
     run(*common, "--output-dir", str(tmp_path / "straight"))
-    run(*common, "--output-dir", str(tmp_path / "resumed"), "--max-steps", str(stop_at))
-    run(*common, "--output-dir", str(tmp_path / "resumed"), "--resume-from-checkpoint", "latest")
-    assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
+    for stop_at in (5, 12):
+        resumed = tmp_path / f"resumed_{stop_at}"
+        run(*common, "--output-dir", str(resumed), "--max-steps", str(stop_at))
+        run(*common, "--output-dir", str(resumed), "--resume-from-checkpoint", "latest")
+        assert_same_weights(tmp_path / "straight", resumed)
 
 
 def tiny_image_dataset(rows: int, seed: int):
@@ -181,6 +181,7 @@ def test_baselines_run_and_log_memory(tmp_path, method):
 QUICK = [*SMALL, "--modules", "2", "--batch-size", "256", "--eval-every", "0"]  # 6 steps per epoch
 
 
+@pytest.mark.slow
 def test_a_new_run_never_mixes_with_another_runs_checkpoints(tmp_path, capsys):
     out = str(tmp_path)
     run(*QUICK, "--epochs", "2", "--keep-checkpoints", "1", "--output-dir", out)  # step_00000012
@@ -193,17 +194,33 @@ def test_a_new_run_never_mixes_with_another_runs_checkpoints(tmp_path, capsys):
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000009"
 
 
-def test_pruning_keeps_this_runs_newest_by_step_number(tmp_path):
+@pytest.mark.slow
+def test_pruning_keeps_this_runs_newest_by_step_number_and_sigma_is_measured(tmp_path):
     from recipes.checkpoints import checkpoints_in
 
-    run(*QUICK, "--epochs", "3", "--keep-checkpoints", "2", "--output-dir", str(tmp_path))
+    results = run(*QUICK, "--epochs", "3", "--keep-checkpoints", "2", "--diagnostics-every", "12",
+                  "--output-dir", str(tmp_path))  # fmt: skip
     assert [p.name for p in checkpoints_in(tmp_path / "checkpoints")] == ["step_00000012", "step_00000018"]
+    # (the same run measures sigma: --diagnostics-every)
+    assert [d["step"] for d in results["diagnostics"]] == [0, 12]
+    assert np.isnan(results["diagnostics"][0]["sigma_staleness"][0])  # module 1 has not started at step 0
+    last = results["diagnostics"][-1]
+    assert last["sigma_staleness"][1] == pytest.approx(1.0, abs=1e-4)  # the last module: no staleness
+    assert all(np.isfinite(last["sigma_expected"]))
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    """The output folder of a two-epoch run with its two checkpoints (step 6 and step 12)."""
+    out = tmp_path_factory.mktemp("two_epochs")
+    run(*QUICK, "--epochs", "2", "--keep-checkpoints", "2", "--output-dir", str(out))
+    return out
 
 
 @pytest.mark.parametrize("damage", ["random bytes", "truncated"])
-def test_a_damaged_checkpoint_is_detected_naming_the_last_good_one(tmp_path, capsys, damage):
+def test_a_damaged_checkpoint_is_detected_naming_the_last_good_one(two_epochs, tmp_path, capsys, damage):
+    shutil.copytree(two_epochs, tmp_path, dirs_exist_ok=True)
     out = str(tmp_path)
-    run(*QUICK, "--epochs", "2", "--keep-checkpoints", "2", "--output-dir", out)
     weights = tmp_path / "checkpoints" / "step_00000012" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     if damage == "random bytes":
@@ -238,12 +255,3 @@ def test_one_process_per_module_trains_and_resumes_exactly(tmp_path, cpu_cluster
             k: v for k, v in h1.items() if k.startswith(("train/", "test/"))}  # fmt: skip
     assert 0 < straight[0]["final_test_error"] < 100
     assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
-
-
-@pytest.mark.slow
-def test_the_launcher_runs_one_process_per_module(tmp_path):
-    r = launch(*SMALL, "--modules", "2", "--max-steps", "6", "--output-dir", str(tmp_path), processes=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "replica 0: module 1: rank 1, module 2: rank 0" in r.stdout
-    assert "terminate called" not in r.stderr
-    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 6

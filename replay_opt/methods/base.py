@@ -43,11 +43,20 @@ class Method:
     def updated_stages(self) -> list[bool]:
         return [True] * len(self.stages)
 
+    _stepped = False  # an optimizer step since the last training forward
+    _zeroed = False  # a zero_grad since the last training forward
+
     def on_step(self) -> None:
         self.steps += 1
+        self._stepped = True
 
     def on_zero_grad(self) -> None:
-        pass
+        self._zeroed = True
+
+    def _discarded_last_step(self) -> bool:
+        # zero_grad() without step(): the user (or a GradScaler skipping an
+        # overflowing step) threw that step's gradients away.
+        return self._zeroed and not self._stepped
 
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.name, "num_modules": len(self.stages), "steps": self.steps}

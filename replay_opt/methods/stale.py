@@ -38,8 +38,6 @@ class StaleGradientMethod(Method):
         self._leaves: list[Values | None] = [None] * k
         self._restored: list[Grads | None] | None = None  # stale gradients from a checkpoint
         self._updated = [False] * k
-        self._stepped = False  # an optimizer step since the last training forward
-        self._zeroed = False  # a zero_grad since the last training forward
         self._scale: torch.Tensor | None = None  # GradScaler scale the stale gradients carry
 
     def advance(self, i: int, x: Values) -> tuple[Values, tuple[Values, Values] | None]:
@@ -137,20 +135,11 @@ class StaleGradientMethod(Method):
     def on_step(self) -> None:
         super().on_step()
         self._updated = [False] * len(self.stages)
-        self._stepped = True
         scale = getattr(self.grad_scaler, "_scale", None)
         # GradScaler steps before it updates its scale: this is the scale of this step's gradients.
         self._scale = None if scale is None else scale.detach().clone()
 
-    def on_zero_grad(self) -> None:
-        self._zeroed = True
-
     # ----------------------------------------------------------------------- stale gradients
-
-    def _discarded_last_step(self) -> bool:
-        # zero_grad() without step(): the user (or a GradScaler skipping an
-        # overflowing step) threw that step's gradients away, stale ones included.
-        return self._zeroed and not self._stepped
 
     def stale_gradients(self) -> list[Grads | None]:
         """For each boundary i, the gradient module i+2 sent down for module i+1's output (or None)."""

@@ -1,0 +1,353 @@
+"""Against the peers: every way to train one model on K devices, side by side in one interleaved run.
+
+    python -m bench.peers --model resnet20 --batch-size 64 --modules 2 --steps 10 --rounds 3
+
+Contenders (the same model, global batch and K; SGD; cross-entropy):
+
+* ``bp``           one device (one process): the baseline every ratio is taken to
+* ``ddp``          DistributedDataParallel over K processes, B/K samples each
+* ``mp``           replay_opt ``method="bp"``, one process per module: naive model parallelism
+* ``fr``, ``ddg``  replay_opt Features Replay and delayed gradients, one process per module
+* ``gpipe:M``, ``1f1b:M``  torch.distributed.pipelining's ScheduleGPipe / Schedule1F1B with M micro-batches,
+                   the model split by its own ``pipeline()`` at the same split points
+* ``torchgpipe:M`` torchgpipe's GPipe (one process, K devices) if it is installed
+
+Each contender runs in fresh processes (``bench.parallel.launch``), once per round, the rounds
+interleaved so a slow spell of the machine hits every contender alike; the median of the rounds
+is reported.  Peak memory per rank: on CUDA the allocator's peak during the timed steps; on CPU
+the growth of the resident set over the run (what the steps added to what the model and data
+took), which includes the allocator's caching -- a coarse figure.  The planner
+(``replay_opt.plan.simulate``) predicts each contender's step time from a one-thread profile of
+the model's units and a ping-pong measurement of the link between two ranks; the table puts the
+prediction next to the measurement, and the predicted ranking is checked against the measured one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from bench.parallel import launch
+
+ONE_PROCESS = {"bp", "torchgpipe"}
+
+
+def contenders(k: int, microbatches: Sequence[int]) -> list[str]:
+    out = ["bp", "ddp", "mp", "fr", "ddg"]
+    out += [f"{s}:{m}" for s in ("gpipe", "1f1b") for m in microbatches]
+    return [*out, *(f"torchgpipe:{m}" for m in microbatches)]
+
+
+# --------------------------------------------------------------------------- one contender, one rank
+
+
+def worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cuda = args.device == "cuda"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=300))
+    if args.contender == "link":
+        print(json.dumps(measure_link(args.bytes, device)))
+        return
+    from recipes.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(args.model, 10)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch_size, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (args.batch_size,), generator=g)
+    splits = args.split_points.split(",")
+    step = STEPS[args.contender.split(":")[0]](model, x, y, device, splits, args)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rss0 = _rss_bytes()
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            sync()
+            if world > 1:
+                dist.barrier()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+        step()
+    sync()
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes() - rss0
+    mine = {"elapsed": elapsed, "peak_bytes": peak}
+    ranks = [mine]
+    if world > 1:
+        ranks = [None] * world
+        dist.all_gather_object(ranks, mine)
+        dist.destroy_process_group()
+    if rank == 0:
+        slowest = max(r["elapsed"] for r in ranks)
+        print(json.dumps({"samples_per_s": args.steps * args.batch_size / slowest,
+                          "peak_bytes": [r["peak_bytes"] for r in ranks]}))  # fmt: skip
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_link(nbytes: int, device: torch.device) -> dict[str, float]:
+    """One-way time of an 8-byte and an ``nbytes`` message between ranks 0 and 1 (ping-pong, median)."""
+    out = {}
+    for size in (8, nbytes):
+        t = torch.zeros(max(1, size // 4), dtype=torch.float32, device=device)
+        times = []
+        for _ in range(12):
+            dist.barrier()
+            start = time.perf_counter()
+            if dist.get_rank() == 0:
+                dist.send(t, 1)
+                dist.recv(t, 1)
+            elif dist.get_rank() == 1:
+                dist.recv(t, 0)
+                dist.send(t, 0)
+            times.append((time.perf_counter() - start) / 2)
+        out[str(size)] = statistics.median(times[2:])
+    latency = out["8"]
+    bandwidth = (nbytes - 8) / max(out[str(nbytes)] - latency, 1e-9)
+    return {"latency": latency, "bandwidth": bandwidth}
+
+
+def _sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+
+def step_bp(model, x, y, device, splits, args) -> Callable[[], None]:
+    if type(model).__name__ != "GPipe":  # (torchgpipe places its partitions itself)
+        model.to(device)
+    x, y = x.to(device), y.to(device)
+    opt = _sgd(model.parameters())
+
+    def step() -> None:
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def step_ddp(model, x, y, device, splits, args) -> Callable[[], None]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ddp = DistributedDataParallel(model.to(device), device_ids=[device.index] if device.type == "cuda" else None)
+    shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    return step_bp(ddp, x[shard], y[shard], device, splits, args)
+
+
+def step_replay(model, x, y, device, splits, args) -> Callable[[], None]:
+    from replay_opt import ReplayModelWrapper, ReplayOptimizer
+
+    method = {"mp": "bp"}.get(args.contender, args.contender)
+    wrapper = ReplayModelWrapper(model, split_points=splits, method=method, timeout=300)
+    opt = ReplayOptimizer(_sgd(wrapper.parameters()), wrapper)
+    x, y = x.to(device), y.to(device)
+
+    def step() -> None:
+        F.cross_entropy(wrapper(x), y).backward()  # rank 0 runs the last module: the real loss
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def step_schedule(model, x, y, device, splits, args) -> Callable[[], None]:
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, SplitPoint, pipeline
+
+    kind, m = args.contender.split(":")
+    m = int(m)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    pipe = pipeline(model, mb_args=(x[: len(x) // m],), split_spec={s: SplitPoint.BEGINNING for s in splits})
+    stage = pipe.build_stage(rank, device)
+    schedule = (ScheduleGPipe if kind == "gpipe" else Schedule1F1B)(stage, n_microbatches=m, loss_fn=F.cross_entropy)
+    opt = _sgd(stage.submod.parameters())
+    x, y = x.to(device), y.to(device)
+
+    def step() -> None:
+        if rank == 0:
+            schedule.step(x)
+        elif rank == world - 1:
+            schedule.step(target=y)
+        else:
+            schedule.step()
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def step_torchgpipe(model, x, y, device, splits, args) -> Callable[[], None]:
+    from torchgpipe import GPipe
+
+    m = int(args.contender.split(":")[1])
+    names, seq = _as_sequential(model)
+    if not set(splits) <= set(names):
+        raise ValueError(f"torchgpipe needs split points among {names}, got {splits}")
+    starts = [0, *(names.index(s) for s in splits), len(names)]
+    balance = [b - a for a, b in itertools.pairwise(starts)]
+    gpipe = GPipe(seq, balance=balance, devices=[device] * len(balance), chunks=m)
+    return step_bp(gpipe, x, y, device, splits, args)
+
+
+def _as_sequential(model: torch.nn.Module) -> tuple[list[str], torch.nn.Sequential]:
+    """The recipes' CIFAR ResNet as an nn.Sequential of its units (what torchgpipe takes), with their names."""
+    stem = torch.nn.Sequential(model.conv1, model.bn1, torch.nn.ReLU())
+    blocks = [(f"layers.{i}.{j}", block) for i, stage in enumerate(model.layers) for j, block in enumerate(stage)]
+    head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(1), model.fc)
+    named = [("conv1", stem), *blocks, ("fc", head)]
+    return [n for n, _ in named], torch.nn.Sequential(*(module for _, module in named))
+
+
+STEPS = {"bp": step_bp, "ddp": step_ddp, "mp": step_replay, "fr": step_replay, "ddg": step_replay,
+         "gpipe": step_schedule, "1f1b": step_schedule, "torchgpipe": step_torchgpipe}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def predict(units: Sequence[Any], starts: list[int], link: Any, name: str, k: int) -> float:
+    from replay_opt.plan import simulate
+
+    kind, _, m = name.partition(":")
+    times = simulate(units, starts, link, microbatches=int(m) if m else 1, replicas=k)
+    return times[{"bp": "one_device", "mp": "bp", "torchgpipe": "gpipe"}.get(kind, kind)]
+
+
+def kendall(a: Sequence[float], b: Sequence[float]) -> tuple[float, list[tuple[int, int]]]:
+    """Kendall's tau between two orderings, and the pairs they order differently."""
+    pairs = [(i, j) for i in range(len(a)) for j in range(i + 1, len(a))]
+    wrong = [(i, j) for i, j in pairs if (a[i] - a[j]) * (b[i] - b[j]) < 0]
+    return 1 - 2 * len(wrong) / max(1, len(pairs)), wrong
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--modules", type=int, default=2, help="K: devices (processes) per contender")
+    p.add_argument("--microbatches", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--only", nargs="+", default=None, help="run these contenders only (names as in the table)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--contender", default="bp", help=argparse.SUPPRESS)
+    p.add_argument("--split-points", default="", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--bytes", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+    from recipes.models import build_model
+    from replay_opt.balance import profile
+    from replay_opt.plan import Link, best_fr_cut
+
+    k = args.modules
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model(args.model, 10).to(args.device)
+    units = profile(model, (torch.randn(args.batch_size, 3, 32, 32, device=args.device),), repeats=5)
+    names = [u.name for u in units]
+    common = ["--worker", "--model", args.model, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+              "--warmup", str(args.warmup), "--device", args.device]  # fmt: skip
+    starts = best_fr_cut(units, k, Link(1e12, 0.0))  # balanced device time; the link is measured next
+    boundary = max(units[i - 1].output_bytes for i in starts)
+    measured_link = launch("bench.peers", [*common, "--contender", "link", "--bytes", str(boundary)], 2, 1, "link")
+    link = Link(measured_link["bandwidth"], measured_link["latency"])
+    splits = ",".join(names[i] for i in starts)
+    names_run = args.only or contenders(k, args.microbatches)
+    if any(n.startswith("torchgpipe") for n in names_run) and not _importable("torchgpipe"):
+        print("torchgpipe is not installed (pip install torchgpipe): left out")
+        names_run = [n for n in names_run if not n.startswith("torchgpipe")]
+    samples: dict[str, list[float]] = {n: [] for n in names_run}
+    peaks: dict[str, list[int]] = {}
+    failed: dict[str, str] = {}
+    for _ in range(args.rounds):
+        for name in names_run:
+            if name in failed:
+                continue
+            processes = 1 if name.split(":")[0] in ONE_PROCESS else k
+            cmd = [*common, "--contender", name, "--split-points", splits]
+            try:
+                out = launch("bench.peers", cmd, processes, 1, name)
+            except RuntimeError as exc:
+                failed[name] = str(exc)
+                continue
+            samples[name].append(out["samples_per_s"])
+            peaks[name] = out["peak_bytes"]
+    base = statistics.median(samples["bp"]) if samples.get("bp") else float("nan")
+    rows = []
+    for name in names_run:
+        if name in failed:
+            rows.append({"name": name, "failed": failed[name]})
+            continue
+        got = statistics.median(samples[name])
+        predicted = args.batch_size / predict(units, starts, link, name, k)
+        rows.append({"name": name, "samples_per_s": got, "ratio": got / base, "predicted_samples_per_s": predicted,
+                     "predicted_ratio": predicted / (args.batch_size / predict(units, starts, link, "bp", k)),
+                     "peak_mib": [p / 2**20 for p in peaks[name]], "rounds": samples[name]})  # fmt: skip
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
+    print(
+        f"{args.model}, batch {args.batch_size}, K={k} split at {splits}; {device}, 1 thread per process; "
+        f"link {link.bandwidth:.3g} B/s, {link.latency:.1e} s (measured); median of {args.rounds} rounds"
+    )
+    print("| contender | samples/s | ratio to BP, 1 device | predicted ratio | peak MiB per rank |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if "failed" in r:
+            print(f"| {r['name']} | failed: {r['failed']} | | | |")
+            continue
+        peak = " / ".join(f"{p:.0f}" for p in r["peak_mib"])
+        print(f"| {r['name']} | {r['samples_per_s']:.1f} | {r['ratio']:.2f} | {r['predicted_ratio']:.2f} | {peak} |")
+    ok = [r for r in rows if "failed" not in r]
+    tau, wrong = kendall([r["ratio"] for r in ok], [r["predicted_ratio"] for r in ok])
+    print(
+        f"ranking: Kendall tau {tau:.2f} between predicted and measured "
+        f"({len(wrong)} of {len(ok) * (len(ok) - 1) // 2} pairs ordered differently"
+        + (": " + ", ".join(f"{ok[i]['name']} vs {ok[j]['name']}" for i, j in wrong) if wrong else "")
+        + ")"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"link": measured_link, "split_points": splits, "rows": rows, "kendall_tau": tau}, f, indent=2)
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+if __name__ == "__main__":
+    main()
