@@ -307,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             samples[name].append(out["samples_per_s"])
             peaks[name] = out["peak_bytes"]
     base = statistics.median(samples["bp"]) if samples.get("bp") else float("nan")
+    predicted_base = args.batch_size / predict(units, starts, link, "bp", k)
     rows = []
     for name in names_run:
         if name in failed:
@@ -315,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         got = statistics.median(samples[name])
         predicted = args.batch_size / predict(units, starts, link, name, k)
         rows.append({"name": name, "samples_per_s": got, "ratio": got / base, "predicted_samples_per_s": predicted,
-                     "predicted_ratio": predicted / (args.batch_size / predict(units, starts, link, "bp", k)),
+                     "predicted_ratio": predicted / predicted_base,
                      "peak_mib": [p / 2**20 for p in peaks[name]], "rounds": samples[name]})  # fmt: skip
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(
