@@ -38,7 +38,7 @@ from recipes.data import go_offline, hub_reachable
 from recipes.text import STDLIB, load_text
 from replay_opt import ReplayModelWrapper, ReplayOptimizer
 
-METHODS = ("bp", "fr", "ddg", "dni")
+METHODS = ("bp", "fr", "ddg", "dni", "gpipe", "1f1b")
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # short runs from scratch, as nanoGPT
 CONFIGS = {  # small configurations, trained from scratch; any other --model is a hub id or a local directory
     "gpt2-tiny": ("GPT2", {"n_layer": 4, "n_embd": 128, "n_head": 4, **NO_DROPOUT}),
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = ReplayModelWrapper(  # <- replay_opt: line 1, split and place
             model, num_modules=args.modules if args.split_points is None else None, method=args.method,
             split_points=args.split_points, example_inputs=example, timeout=args.timeout,
+            microbatches=args.microbatches,
         )  # fmt: skip
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
         optimizer = ReplayOptimizer(optimizer, model, compensation=args.compensation)  # <- replay_opt: line 2

@@ -20,7 +20,11 @@ from recipes.checkpoints import CheckpointError, Checkpoints, load
 def add_method_arguments(p: argparse.ArgumentParser, methods: tuple[str, ...]) -> argparse._ArgumentGroup:
     """The flags both recipes take to choose the method and the cut; returns the group for more."""
     g = p.add_argument_group("method")
-    g.add_argument("--method", choices=methods, default="fr", help="training method (bp = plain backprop)")
+    g.add_argument(
+        "--method", choices=methods, default="fr",
+        help="training method (bp = plain backprop; gpipe/1f1b = exact micro-batched pipelining, a process per module)",
+    )  # fmt: skip
+    g.add_argument("--microbatches", type=int, default=None, help="M for gpipe/1f1b (default 2 x modules)")
     g.add_argument("--modules", type=int, default=2, help="K, the number of pipeline modules")
     g.add_argument("--split-points", default=None, help="comma-separated submodule names where modules 2..K begin")
     g.add_argument(

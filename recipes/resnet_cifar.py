@@ -39,7 +39,7 @@ from recipes.data import Augment, load_image_data
 from recipes.models import CIFAR_MODELS, build_model
 from replay_opt import ReplayModelWrapper, ReplayOptimizer, SigmaProbe
 
-METHODS = ("bp", "fr", "ddg", "dni", "dgl")
+METHODS = ("bp", "fr", "ddg", "dni", "dgl", "gpipe", "1f1b")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             balance=args.balance,
             example_inputs=example if args.balance == "time" else None,
             timeout=args.timeout,
+            microbatches=args.microbatches,
         )
     except ValueError as exc:
         args.parser.error(str(exc))

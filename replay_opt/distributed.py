@@ -230,6 +230,16 @@ class Transport:
         # they follow their header on the same gloo group.
         self.data = self.meta if device.type == "cpu" else None
 
+    def pipeline_group(self) -> tuple[Any, dict[int, int]]:
+        """A process group of this replica's K ranks, for torch.distributed.pipelining, and each module's rank
+        in it.  Collective: every rank creates every replica's group, in order."""
+        k, mine = self.layout.num_modules, None
+        for d in range(self.layout.replicas):
+            group = dist.new_group(ranks=[self.layout.rank_of(s, d) for s in range(k)], timeout=self.timeout)
+            if d == self.layout.replica:
+                mine = group
+        return mine, {s: dist.get_group_rank(mine, self.layout.rank_of(s)) for s in range(k)}
+
     # ----------------------------------------------------------------------- point to point
 
     def send(self, to_stage: int, header: Header, values: Sequence[Any] = ()) -> None:

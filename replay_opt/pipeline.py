@@ -31,6 +31,7 @@ and the replay state of every rank is kept, by rank.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import queue
 import sys
 import threading
@@ -46,9 +47,10 @@ from .distributed import OPS, POINTS, Header, Kind, Layout, Op, PipelineError, T
 from .history import detached, to_device
 from .join import StaleGradients, join
 from .methods.base import Method, as_leaves
-from .methods.bp import Backprop
+from .methods.bp import Backprop, GPipe
 from .methods.stale import StaleGradientMethod, grads_of
 from .partition import Program, Stage, WholeCall
+from .schedules import Microbatched
 
 FINGERPRINTED_STEPS = 2  # the first training steps (and evaluation forwards) whose batches are compared
 
@@ -86,6 +88,13 @@ class Pipeline:
         self._checked_split = False
         self._tied: list[tuple[torch.nn.Parameter, list[int]]] = []  # shared parameters and their modules
         self._shapes: dict[Any, Any] = {}  # output structure per input signature (placeholders)
+        self.micro: Microbatched | None = None  # method="gpipe"/"1f1b": the library's schedules
+        if isinstance(method, GPipe):
+            group, ranks = self.transport.pipeline_group()
+            self.micro = Microbatched(
+                kind=method.name, microbatches=method.microbatches, stage=self.stage.train, index=layout.stage,
+                num_stages=k, device=device, group=group, stage_ranks=ranks,
+            )  # fmt: skip
         self.closed = False
         _PIPELINES.add(self)
         atexit.register(_close_at_exit, weakref.ref(self))
@@ -125,6 +134,8 @@ class Pipeline:
             stale = StaleGradients([], [], on_backward=_noop)
             self._pending, self.ticks = stale, self.ticks + 1
             return join(out, stale)
+        if self.micro is not None:
+            return self._train_forward_microbatched(inputs, call, batch)
         if isinstance(self.method, Backprop):
             return self._train_forward_exact(inputs, call, batch)
         m, s, k = self.method, self.layout.stage, self.layout.num_modules
@@ -187,6 +198,42 @@ class Pipeline:
         self._pending, self.ticks = exact, self.ticks + 1
         return join(out, exact)
 
+    def _train_forward_microbatched(self, inputs: tuple[Any, ...], call: Any, batch: int) -> Any:
+        """``method="gpipe"``/``"1f1b"``: the schedule's forward-only pass now, its training pass when the step
+        is finished (``replay_opt/schedules.py``).  A header first, so ranks at different steps or on different
+        batches stop with the same errors as the other methods."""
+        s, k = self.layout.stage, self.layout.num_modules
+        header = self._header(Kind.ACTIVATIONS, batch, call, self.ticks < FINGERPRINTED_STEPS)
+        if s > 0:
+            got, _ = self._recv(s - 1, Kind.ACTIVATIONS, "the start of a training step")
+            self._check_same_step(s - 1, got, header)
+        if s < k - 1:
+            self.transport.send(s + 1, header)
+        self._batch = batch
+        assert self.micro is not None
+        with self._schedule_errors("forward pass"):
+            program = self.stage.program
+            inputs = to_device(inputs, self.device) if s == 0 else inputs
+            out = self.micro.forward((id(program), _call_key(call)), program, inputs, batch)
+        if s < k - 1:
+            out = self._placeholder(call, requires_grad=True)
+        step = StaleGradients([], [], on_backward=_noop)  # only to see that backward() reached the output
+        self._pending, self.ticks = step, self.ticks + 1
+        return join(out, step)
+
+    @contextlib.contextmanager
+    def _schedule_errors(self, what: str) -> Iterator[None]:
+        """The library wraps a module's own error in a RuntimeError: raise that error; a failed or silent peer
+        becomes a PipelineError naming it (bounded by ``timeout``, as every wait here)."""
+        try:
+            yield
+        except RuntimeError as exc:
+            cause = exc.__cause__ if exc.__cause__ is not None and not _lost_peer(exc.__cause__) else exc
+            if not _lost_peer(cause):
+                raise cause from None if cause is not exc else exc
+            with self.transport._guard(f"in the {self.method.name} schedule's {what}"):
+                raise
+
     def finish_step(self, only_if_done: bool = False) -> None:
         """Send the last training step's gradient down (or "discarded"); once, at step() or the next forward.
         ``only_if_done``: at a collective point, which may come between a forward and its backward (gathering
@@ -207,6 +254,9 @@ class Pipeline:
                 "loss of the last module: `if accelerator.gather(loss).isnan().any(): optimizer.zero_grad(); "
                 "continue`. For forwards that should not train use model.eval() or torch.no_grad()."
             )
+        if self.micro is not None:
+            with self._schedule_errors("training pass"):
+                self.micro.finish(discarded)
         if not self._sends_down:
             return
         header = self._header(Kind.DROPPED if discarded else Kind.GRADIENT, self._batch)
@@ -531,9 +581,7 @@ class Pipeline:
 
     def _placeholder(self, call: tuple[tuple[Any, ...], dict[str, Any]], requires_grad: bool) -> Any:
         """Zeros shaped exactly like the model's output for this call (it runs elsewhere)."""
-        leaves, spec = tree_flatten(call)
-        key = (self.model.training, str(spec), tuple(
-            (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else repr(v) for v in leaves))  # fmt: skip
+        key = (self.model.training, _call_key(call))
         if key not in self._shapes:
             self._shapes[key] = _output_structure(self.model, call)
         metas, out_spec = self._shapes[key]
@@ -546,6 +594,21 @@ class Pipeline:
             for m in metas
         ]
         return tree_unflatten(values, out_spec)
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """Whether an error of torch.distributed.pipelining comes from the communication (a peer that failed or
+    timed out) rather than from the model."""
+    text = str(exc).lower()
+    return isinstance(exc, torch.distributed.DistError) or any(
+        w in text for w in ("timed out", "timeout", "connection", "gloo", "nccl", "peer")
+    )
+
+
+def _call_key(call: Any) -> tuple[Any, ...]:
+    """The structure, shapes and dtypes of a call: what decides the output's shapes."""
+    leaves, spec = tree_flatten(call)
+    return str(spec), tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else repr(v) for v in leaves)
 
 
 def _output_structure(model: torch.nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]]) -> tuple[list[Any], Any]:

@@ -38,6 +38,10 @@ class StageModule(nn.Module):
     * ``out_spec`` (the last stage of a graph) rebuilds the model's output from its leaves.
     * ``frozen_running_stats()``: for graphs that update buffers themselves (torch.export
       bakes BatchNorm's update into the graph), run a variant whose updates go to copies.
+    * ``number_inputs`` / ``number_outputs``: the positions of Python numbers (sizes of the
+      batch, say) among the values that cross the cut, where the capture knows them
+      (torch.export records every value's type); a transport that carries tensors only
+      sends them as 0-dim tensors.
     """
 
     def __init__(
@@ -48,8 +52,11 @@ class StageModule(nn.Module):
         out_spec: TreeSpec | None = None,
         model: nn.Module | None = None,
         root_tensors: Sequence[str] = (),
+        number_inputs: Sequence[int] = (),
+        number_outputs: Sequence[int] = (),
     ) -> None:
         super().__init__()
+        self.number_inputs, self.number_outputs = list(number_inputs), list(number_outputs)
         self.body = body
         self.last = last
         self.out_spec = out_spec
@@ -230,8 +237,16 @@ def split_graph(graph: Graph, model: nn.Module, split_points: list[str]) -> list
             stage_graph.output(tuple(env[n] for n in alive_at(end)))
         body, root_tensors = _live_module(stage_graph, model, gm)
         out_spec = graph.out_spec if last else None
-        stages.append(StageModule(body, last=last, out_spec=out_spec, model=model, root_tensors=root_tensors))
+        numbers_in = _numbers(alive_at(begin)) if i > 0 else []
+        numbers_out = [] if last else _numbers(alive_at(end))
+        stages.append(StageModule(body, last=last, out_spec=out_spec, model=model, root_tensors=root_tensors,
+                                  number_inputs=numbers_in, number_outputs=numbers_out))  # fmt: skip
     return stages
+
+
+def _numbers(values: list[fx.Node]) -> list[int]:
+    kinds = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
+    return [i for i, n in enumerate(values) if isinstance(n.meta.get("val"), kinds)]
 
 
 def _live_module(graph: fx.Graph, model: nn.Module, captured: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:

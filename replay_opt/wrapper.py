@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 from .distributed import Layout, local_device, pipeline_layout
 from .history import to_device
 from .methods import make_method
+from .methods.bp import Backprop, GPipe
 from .partition import Balance, Partition, Program, Stage
 from .pipeline import FreshStateDict, Pipeline
 from .precision import check_grad_scaler, pipeline_autocast, to_fp32
@@ -34,8 +35,11 @@ class ReplayModelWrapper(nn.Module):
         module: the model to train.
         num_modules: K, the number of pipeline modules.  Optional when
             ``split_points`` is given.
-        method: ``"fr"`` (Features Replay, default) or ``"bp"`` (plain
-            backpropagation through the same API).
+        method: ``"fr"`` (Features Replay, default), ``"bp"`` (plain
+            backpropagation through the same API), ``"gpipe"`` / ``"1f1b"``
+            (exact micro-batched pipelining on torch.distributed.pipelining's
+            schedules, one process per module), or a baseline: ``"ddg"``,
+            ``"dni"``, ``"dgl"`` (see ``docs/methods.md``).
         split_points: K-1 submodule names, as in ``module.named_modules()``, at
             each of which a new pipeline module begins.
         balance: how to choose split points when none are given: ``"params"``
@@ -57,6 +61,8 @@ class ReplayModelWrapper(nn.Module):
             hooks every tensor autograd saves.
         timeout: seconds any wait on another process may take before it is
             declared failed (multi-process mode).
+        microbatches: M, the micro-batches of each batch for ``"gpipe"`` /
+            ``"1f1b"`` (default 2K; 1F1B needs M >= K).
 
     Under ``accelerate launch`` / ``torchrun`` with W = K x D processes, rank r
     runs module ``r % K`` of data-parallel replica ``r // K`` (see
@@ -81,6 +87,7 @@ class ReplayModelWrapper(nn.Module):
         capture: str = "auto",
         track_memory: bool = False,
         timeout: float = 300.0,
+        microbatches: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -106,6 +113,7 @@ class ReplayModelWrapper(nn.Module):
         )  # fmt: skip
         self._stages: list[Stage] = self._partition.stages
         self._method = make_method(method, self._stages)
+        _set_microbatches(self._method, microbatches, layout is not None)
         self._pipeline: Pipeline | None = None
         if layout is None:
             self._devices = _resolve_devices(devices, len(self._stages))
@@ -214,7 +222,7 @@ class ReplayModelWrapper(nn.Module):
         self._sync_devices()
         training = self.training and torch.is_grad_enabled()
         if training:
-            if self._optimizer is None and self.method != "bp":
+            if self._optimizer is None and not isinstance(self._method, Backprop):
                 raise RuntimeError(
                     "no ReplayOptimizer is bound to this model: wrap the optimizer with "
                     "`optimizer = ReplayOptimizer(optimizer, model)` before training"
@@ -340,6 +348,30 @@ class ReplayModelWrapper(nn.Module):
             )
         self._sync_devices()
         self._method.load_state_dict(state)
+
+
+def _set_microbatches(method: Any, microbatches: int | None, one_process_per_module: bool) -> None:
+    k = len(method.stages)
+    if not isinstance(method, GPipe):
+        if microbatches is not None:
+            raise ValueError(
+                f"microbatches= is for method='gpipe' or '1f1b' (method={method.name!r} takes whole batches)"
+            )
+        return
+    m = 2 * k if microbatches is None else microbatches
+    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+        raise ValueError(f"microbatches must be a positive integer, got {microbatches!r}")
+    if method.name == "1f1b" and m < k:
+        raise ValueError(
+            f"method='1f1b' needs microbatches >= num_modules ({k}), got {m}; pass microbatches={k} or more"
+        )
+    if not one_process_per_module or k < 2:
+        raise ValueError(
+            f"method={method.name!r} pipelines micro-batches across processes with torch.distributed.pipelining: "
+            f"launch one process per module (e.g. `accelerate launch --num_processes {max(k, 2)} ...` with "
+            f"num_modules={max(k, 2)}); in one process use method='bp'"
+        )
+    method.microbatches = m
 
 
 def _resolve_devices(devices: Sequence[DeviceLike] | None, k: int) -> list[torch.device] | None:

@@ -55,6 +55,7 @@ def train(
     die_rank: int | None = None,
     die_at: int | None = None,
     timeout: float = 60,
+    microbatches: int | None = None,
 ) -> dict:
     """One rank's training; returns the full trained state (collected from every rank) and the logged losses."""
     torch.set_num_threads(1)
@@ -62,8 +63,9 @@ def train(
     model = mlp(depth=6)
     # Under torchrun's environment with no process group yet, the wrapper starts one itself.
     wrapper = ReplayModelWrapper(
-        model, split_points=SPLITS[modules] or None, num_modules=modules, method=method, timeout=timeout
-    )
+        model, split_points=SPLITS[modules] or None, num_modules=modules, method=method, timeout=timeout,
+        microbatches=microbatches,
+    )  # fmt: skip
     rank, world = dist.get_rank(), dist.get_world_size()
     replicas = world // modules
     opt = ReplayOptimizer(torch.optim.SGD(wrapper.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4), wrapper)
@@ -118,3 +120,57 @@ def train_tied(steps: int = 6, method: str = "fr") -> dict:
     tied_once = state["module.embed.weight"] is state["module.head.weight"]  # as in one process: one tensor
     return {"model": state, "embed": model.embed.weight.detach().clone(), "head": model.head.weight.detach().clone(),
             "tied_once": tied_once}  # fmt: skip
+
+
+def bn_dropout_mlp() -> torch.nn.Sequential:
+    """BatchNorm in both modules (split at "3"), dropout in the last: rank 0's, so the random stream of the
+    last module's rank is the only one drawn from, as in one process."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+        torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Dropout(0.3),
+        torch.nn.Linear(16, 4),
+    )  # fmt: skip
+
+
+def train_microbatched_bn(method: str, microbatches: int, steps: int = 4) -> dict:
+    """``bn_dropout_mlp`` under method='gpipe'/'1f1b' with 2 modules; the full state at the end."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = bn_dropout_mlp()
+    wrapper = ReplayModelWrapper(model, split_points=["3"], method=method, microbatches=microbatches, timeout=60)
+    opt = ReplayOptimizer(torch.optim.SGD(wrapper.parameters(), lr=0.1, momentum=0.9), wrapper)
+    for x, y in batches(steps):
+        F.cross_entropy(wrapper(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    state = wrapper.state_dict()
+    wrapper._pipeline.close()
+    return {"model": state}
+
+
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Dropout off (p=0), so that the reference in one process draws nothing the ranks would draw otherwise."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def train_zoo(name: str, method: str, steps: int = 3, batch: int = 4, in_model: bool = True) -> dict:
+    """A tests/zoo.py model with 2 modules; with ``in_model`` the loss the model computes from ``labels``."""
+    from zoo import ZOO, call, loss_of
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    entry = ZOO[name]
+    model = without_dropout(entry.build())
+    wrapper = ReplayModelWrapper(model, num_modules=2, method=method, timeout=60)
+    opt = ReplayOptimizer(torch.optim.SGD(wrapper.parameters(), lr=0.1), wrapper)
+    for t in range(steps):
+        data = entry.batch(batch, t)
+        loss_of(entry, call(wrapper, data, with_labels=in_model, entry=entry), data, in_model).backward()
+        opt.step()
+        opt.zero_grad()
+    state = wrapper.state_dict()
+    wrapper._pipeline.close()
+    return {"model": state, "split_points": wrapper.split_points}

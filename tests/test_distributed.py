@@ -48,10 +48,11 @@ def launch(world: int, *args: str, timeout: float = 240) -> list[subprocess.Comp
 
 def single_process(k: int, replicas: int, steps: int, method: str = "fr") -> tuple[torch.nn.Module, list[float]]:
     """The same training in one process: batch t of the D replicas concatenated (no BatchNorm, so equal).
-    For ``bp``, plain autograd on the unwrapped model: naive model parallelism must be exactly backprop."""
+    For ``bp``, ``gpipe`` and ``1f1b``, plain autograd on the unwrapped model: naive model parallelism and exact
+    micro-batched pipelining must be exactly backprop."""
     torch.manual_seed(0)
     model = mlp(depth=6)
-    if method == "bp":
+    if method in ("bp", "gpipe", "1f1b"):
         wrapper, opt = model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     else:
         wrapper = ReplayModelWrapper(model, split_points=SPLITS[k] or None, num_modules=k, method=method)
@@ -103,7 +104,8 @@ def clusters():
 @pytest.mark.parametrize(
     ("world", "k", "method"),
     [(2, 2, "fr"), pytest.param(4, 2, "fr", marks=pytest.mark.slow), pytest.param(4, 4, "ddg", marks=pytest.mark.slow),
-     (2, 1, "dni"), (2, 2, "bp"), pytest.param(4, 2, "bp", marks=pytest.mark.slow)],
+     (2, 1, "dni"), (2, 2, "bp"), pytest.param(4, 2, "bp", marks=pytest.mark.slow), (2, 2, "gpipe"), (2, 2, "1f1b"),
+     pytest.param(4, 2, "1f1b", marks=pytest.mark.slow)],
 )  # fmt: skip
 def test_matches_the_single_process_engine(clusters, world, k, method):
     steps = 8
@@ -112,6 +114,49 @@ def test_matches_the_single_process_engine(clusters, world, k, method):
     for rank in ranks:  # every rank's state dict holds every module's trained weights
         assert_same(reference, rank["model"])
     assert ranks[0]["losses"] == pytest.approx(losses, abs=1e-5)  # the last module's loss, on rank 0
+
+
+@pytest.mark.parametrize(("method", "m"), [("gpipe", 4), ("1f1b", 2)])
+def test_microbatched_pipelines_equal_autograd_over_microbatches(clusters, method, m):
+    """BatchNorm normalizes each micro-batch by itself and its running statistics move once per micro-batch,
+    dropout draws its masks micro-batch after micro-batch: the reference is plain autograd on the unwrapped
+    model fed the micro-batches one after the other (the loss on their concatenated outputs).  Equal weights,
+    buffers and all, mean that the schedule's training pass replays the forward the user's loss saw."""
+    from dist_worker import bn_dropout_mlp
+
+    ranks = clusters(2).run("dist_worker:train_microbatched_bn", method=method, microbatches=m, steps=4)
+    torch.manual_seed(0)
+    model = bn_dropout_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for x, y in batches(4):
+        out = torch.cat([model(part) for part in torch.tensor_split(x, m)])
+        F.cross_entropy(out, y).backward()
+        opt.step()
+        opt.zero_grad()
+    for rank in ranks:
+        assert_same(model, rank["model"])
+
+
+@pytest.mark.parametrize(("method", "in_model"), [("gpipe", True), ("1f1b", False)])
+def test_microbatched_pipelines_train_a_transformers_model_exactly(clusters, method, in_model):
+    """GPT-2 (torch.export graph; tied embedding and head on two ranks; a new sequence length every step; sizes
+    crossing the cut): against plain autograd, with the loss the model computes from ``labels`` (a scalar:
+    the micro-batches' mean) or the user's loss on the logits."""
+    from dist_worker import without_dropout
+    from zoo import ZOO, call, loss_of
+
+    ranks = clusters(2).run("dist_worker:train_zoo", name="gpt2", method=method, steps=3, in_model=in_model)
+    torch.manual_seed(0)
+    entry = ZOO["gpt2"]
+    model = without_dropout(entry.build())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for t in range(3):
+        data = entry.batch(4, t)
+        loss_of(entry, call(model, data, with_labels=in_model, entry=entry), data, in_model).backward()
+        opt.step()
+        opt.zero_grad()
+    for rank in ranks:
+        assert_same(model, rank["model"])
 
 
 @pytest.mark.slow

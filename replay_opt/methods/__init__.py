@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..partition import Stage
 from .base import Method
-from .bp import Backprop
+from .bp import Backprop, GPipe, OneFOneB
 from .ddg import DelayedGradients
 from .dgl import GreedyLocal
 from .dni import SyntheticGradients
@@ -13,6 +13,8 @@ from .fr import FeaturesReplay
 METHODS: dict[str, type[Method]] = {
     "fr": FeaturesReplay,
     "bp": Backprop,
+    "gpipe": GPipe,
+    "1f1b": OneFOneB,
     "ddg": DelayedGradients,
     "dni": SyntheticGradients,
     "dgl": GreedyLocal,

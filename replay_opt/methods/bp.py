@@ -21,3 +21,21 @@ class Backprop(Method):
         for stage in self.stages[:-1]:
             x = self.run_stage(stage, x)
         return self.run_stage(self.stages[-1], x)
+
+
+class GPipe(Backprop):
+    """Exact micro-batched pipelining with torch.distributed.pipelining's ``ScheduleGPipe``, one process per
+    module (see ``replay_opt/schedules.py``).  The multi-process pipeline runs it; ``microbatches`` is set by
+    the wrapper."""
+
+    name = "gpipe"
+    microbatches = 1
+
+    def forward(self, inputs: tuple[Any, ...]) -> Any:
+        raise RuntimeError(f"method={self.name!r} runs with one process per module")
+
+
+class OneFOneB(GPipe):
+    """The same with ``Schedule1F1B``: one forward, one backward in the steady state (less memory)."""
+
+    name = "1f1b"
