@@ -10,6 +10,8 @@ Contenders (the same model, global batch and K; SGD; cross-entropy):
 * ``fr``, ``ddg``  replay_opt Features Replay and delayed gradients, one process per module
 * ``gpipe:M``, ``1f1b:M``  torch.distributed.pipelining's ScheduleGPipe / Schedule1F1B with M micro-batches,
                    the model split by its own ``pipeline()`` at the same split points
+* ``loop-gpipe:M``, ``loop-1f1b:M``  the same schedules through replay_opt's two lines and a standard loop
+                   (``method="gpipe"``/``"1f1b"``: a forward-only pass first, see replay_opt/schedules.py)
 * ``torchgpipe:M`` torchgpipe's GPipe (one process, K devices) if it is installed
 
 Each contender runs in fresh processes (``bench.parallel.launch``), once per round, the rounds
@@ -46,7 +48,7 @@ ONE_PROCESS = {"bp", "torchgpipe"}
 
 def contenders(k: int, microbatches: Sequence[int]) -> list[str]:
     out = ["bp", "ddp", "mp", "fr", "ddg"]
-    out += [f"{s}:{m}" for s in ("gpipe", "1f1b") for m in microbatches]
+    out += [f"{s}:{m}" for s in ("gpipe", "1f1b", "loop-gpipe", "loop-1f1b") for m in microbatches]
     return [*out, *(f"torchgpipe:{m}" for m in microbatches)]
 
 
@@ -162,8 +164,11 @@ def step_ddp(model, x, y, device, splits, args) -> Callable[[], None]:
 def step_replay(model, x, y, device, splits, args) -> Callable[[], None]:
     from replay_opt import ReplayModelWrapper, ReplayOptimizer
 
-    method = {"mp": "bp"}.get(args.contender, args.contender)
-    wrapper = ReplayModelWrapper(model, split_points=splits, method=method, timeout=300)
+    method, _, m = args.contender.removeprefix("loop-").partition(":")
+    method = {"mp": "bp"}.get(method, method)
+    wrapper = ReplayModelWrapper(
+        model, split_points=splits, method=method, timeout=300, microbatches=int(m) if m else None
+    )
     opt = ReplayOptimizer(_sgd(wrapper.parameters()), wrapper)
     x, y = x.to(device), y.to(device)
 
@@ -223,7 +228,8 @@ def _as_sequential(model: torch.nn.Module) -> tuple[list[str], torch.nn.Sequenti
 
 
 STEPS = {"bp": step_bp, "ddp": step_ddp, "mp": step_replay, "fr": step_replay, "ddg": step_replay,
-         "gpipe": step_schedule, "1f1b": step_schedule, "torchgpipe": step_torchgpipe}  # fmt: skip
+         "gpipe": step_schedule, "1f1b": step_schedule, "torchgpipe": step_torchgpipe,
+         "loop-gpipe": step_replay, "loop-1f1b": step_replay}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the run
@@ -234,7 +240,9 @@ def predict(units: Sequence[Any], starts: list[int], link: Any, name: str, k: in
 
     kind, _, m = name.partition(":")
     times = simulate(units, starts, link, microbatches=int(m) if m else 1, replicas=k)
-    return times[{"bp": "one_device", "mp": "bp", "torchgpipe": "gpipe"}.get(kind, kind)]
+    kinds = {"bp": "one_device", "mp": "bp", "torchgpipe": "gpipe", "loop-gpipe": "gpipe_loop",
+             "loop-1f1b": "gpipe_loop"}  # fmt: skip
+    return times[kinds.get(kind, kind)]
 
 
 def kendall(a: Sequence[float], b: Sequence[float]) -> tuple[float, list[tuple[int, int]]]:

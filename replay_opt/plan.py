@@ -86,13 +86,15 @@ def simulate(
     drain = [b / m + c for (_, b, _), c in zip(mods, micro)]
     fr_work = [2 * f + b for f, b, _ in mods[:-1]] + [mods[-1][0] + mods[-1][1]]
     one_device = sum(u.forward_s + u.backward_s for u in units)
-    gpipe = sum(fill) + (m - 1) * max(fill) + sum(drain) + (m - 1) * max(drain)
+    forward_pass = sum(fill) + (m - 1) * max(fill)
+    gpipe = forward_pass + sum(drain) + (m - 1) * max(drain)
     return {
         "one_device": one_device,
         "ddp": one_device / d + (2 * (d - 1) * (link.latency + param_bytes / d / link.bandwidth) if d > 1 else 0.0),
         "bp": sum(f + b for f, b, _ in mods) + 2 * sum(comm),
         "gpipe": gpipe,
         "1f1b": gpipe,
+        "gpipe_loop": forward_pass + gpipe,  # method="gpipe"/"1f1b": a forward-only pass, then the schedule
         "ddg": max(f + b + c for (f, b, _), c in zip(mods, out)),
         "fr": max(w + c for w, c in zip(fr_work, out)),
     }

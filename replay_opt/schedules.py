@@ -90,7 +90,7 @@ class _Flat(nn.Module):
                     "'1f1b' sends tensors only between modules (torch.distributed.pipelining): choose other "
                     "split_points, capture='export', or method='bp' or 'fr'"
                 )
-            return tuple(leaves)
+            return tuple(v.contiguous() for v in leaves)  # (what the library sends must be)
         tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
         if remember:
             self.spec, self.leaves = spec, [None if isinstance(v, torch.Tensor) else v for v in leaves]
@@ -135,10 +135,7 @@ def _differentiable(v: Any) -> bool:
 
 
 def _as_meta(values: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
-    return tuple(
-        torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta").requires_grad_(v.requires_grad)
-        for v in values
-    )
+    return tuple(torch.empty(v.shape, dtype=v.dtype, device="meta").requires_grad_(v.requires_grad) for v in values)
 
 
 class Microbatched:

@@ -30,6 +30,7 @@ def test_simulate_formulas():
     drain = [2 / 2 + cm, 5 / 2]
     assert t["gpipe"] == pytest.approx(sum(fill) + max(fill) + sum(drain) + max(drain))
     assert t["1f1b"] == t["gpipe"]  # the same bubble; 1F1B differs in memory
+    assert t["gpipe_loop"] == pytest.approx(sum(fill) + max(fill) + t["gpipe"])  # the wrapper's forward-only pass
     single = simulate(us, [], link)
     assert single["fr"] == single["bp"] == single["gpipe"] == single["ddp"] == pytest.approx(11.0)
 
