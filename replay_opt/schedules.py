@@ -183,7 +183,7 @@ class Microbatched:
             )  # fmt: skip
             stage.stage_index_to_group_rank = dict(self.stage_ranks)
             cls = getattr(pipelining, SCHEDULES[self.kind])
-            made.append(cls(stage, m, loss_fn=loss_fn, scale_grads=False))
+            made.append((cls(stage, m, loss_fn=loss_fn, scale_grads=False), stage))
         self._schedules[key] = (made[0], made[1])
         while len(self._schedules) > _CACHED:
             self._schedules.popitem(last=False)
@@ -214,7 +214,8 @@ class Microbatched:
         arg_mbs = arg_mbs if self.first else None
         rng = _rng_state(self.device)
         with torch.no_grad():
-            merged = forward_only.eval(arg_mbs=arg_mbs)
+            merged = forward_only[0].eval(arg_mbs=arg_mbs)
+        forward_only[1].clear_runtime_states()  # the micro-batches' outputs: merged is a copy
         leaves: list[torch.Tensor] = []
         out = None
         if self.last:
@@ -249,7 +250,8 @@ class Microbatched:
         with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
             _set_rng_state(rng, self.device)
             with torch.enable_grad():
-                training.step(arg_mbs=arg_mbs, target_mbs=target_mbs, return_outputs=False)
+                training[0].step(arg_mbs=arg_mbs, target_mbs=target_mbs, return_outputs=False)
+        training[1].clear_runtime_states()
         with torch.no_grad():
             for b, saved in zip(self.flat.buffers(), buffers):
                 b.copy_(saved)
