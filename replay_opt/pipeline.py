@@ -228,9 +228,11 @@ class Pipeline:
         try:
             yield
         except RuntimeError as exc:
-            cause = exc.__cause__ if exc.__cause__ is not None and not _lost_peer(exc.__cause__) else exc
-            if not _lost_peer(cause):
-                raise cause from None if cause is not exc else exc
+            cause = exc.__cause__
+            if not _lost_peer(exc) and (cause is None or not _lost_peer(cause)):
+                if cause is not None:
+                    raise cause from None  # the model's own error, which the library wrapped
+                raise
             with self.transport._guard(f"in the {self.method.name} schedule's {what}"):
                 raise
 
