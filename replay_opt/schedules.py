@@ -15,8 +15,8 @@ returns.  So one training step runs in two phases, both through the library:
    slice.  Each parameter gets sum_i g_i * d(out_i)/d(theta) = dL/d(theta): exactly plain
    backprop's gradient, for any loss (no 1/M scaling: ``scale_grads=False``).
 
-Phase 2 replays phase 1's random state (dropout draws the same masks) and restores the
-module's buffers afterwards (phase 1 already updated BatchNorm's running statistics, once
+Phase 2 replays phase 1's random state (dropout draws the same masks) and leaves BatchNorm's
+running statistics alone, as Features Replay's replays do (phase 1 already updated them, once
 per micro-batch).  BatchNorm normalizes each micro-batch with its own statistics, as in
 GPipe -- the model computes what it computes when its micro-batches are fed one after the
 other.  The price of a standard loop is one more forward per step (forward-only, no graph
@@ -33,6 +33,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .batchnorm import frozen_running_stats
+from .history import RngState
+from .methods.base import as_leaves
 
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
 _CACHED = 4  # schedules kept per input shape (a smaller last batch, another sequence length)
@@ -77,20 +81,11 @@ class _Flat(nn.Module):
         return self.to_wire(self.stage(*inputs), module, remember=True)
 
     def to_wire(self, out: Any, module: nn.Module, remember: bool = False) -> tuple[torch.Tensor, ...]:
-        """The stage's output as the tuple of tensors the library sends (numbers as 0-dim tensors) or, on the
-        last stage, merges (scalars as shape (1,)); ``remember``: keep what rebuilds the last stage's output."""
-        leaves, spec = tree_flatten(out)
+        """The stage's output as the tuple of tensors the library sends or, on the last stage, merges (scalars
+        as shape (1,)); ``remember``: keep what rebuilds the last stage's output."""
         if not self.last:
-            numbers = getattr(module, "number_outputs", ())
-            leaves = [torch.tensor(v, device=self.device) if i in numbers else v for i, v in enumerate(leaves)]
-            if any(not isinstance(v, torch.Tensor) for v in leaves):
-                kinds = sorted({type(v).__name__ for v in leaves if not isinstance(v, torch.Tensor)})
-                raise TypeError(
-                    f"module {self.index + 1} passes {', '.join(kinds)} to module {self.index + 2}; method='gpipe'/"
-                    "'1f1b' sends tensors only between modules (torch.distributed.pipelining): choose other "
-                    "split_points, capture='export', or method='bp' or 'fr'"
-                )
-            return tuple(v.contiguous() for v in leaves)  # (what the library sends must be)
+            return _sent(out, module, self.index, self.device)
+        leaves, spec = tree_flatten(out)
         tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
         if remember:
             self.spec, self.leaves = spec, [None if isinstance(v, torch.Tensor) else v for v in leaves]
@@ -107,31 +102,33 @@ class _Flat(nn.Module):
         def fake(t: torch.Tensor) -> torch.Tensor:  # on the CPU, wherever the module lives: no data moves
             return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).requires_grad_(t.requires_grad)
 
+        def run(module: nn.Module, x: tuple[Any, ...]) -> Any:
+            named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+            return functional_call(module, {n: fake(t) for n, t in named}, x, strict=False, tie_weights=False)
+
         with torch.random.fork_rng(devices=[]), FakeTensorMode(allow_non_fake_inputs=True):
-            x = tuple(fake(v.detach()) if isinstance(v, torch.Tensor) else v for v in inputs)
-            wire_in: tuple[Any, ...] = x
-            for j in range(self.index + 1):
-                module = program.stages[j]
-                state = {
-                    n: fake(t)
-                    for n, t in [*module.named_parameters(remove_duplicate=False),
-                                 *module.named_buffers(remove_duplicate=False)]
-                }  # fmt: skip
-                if j:
-                    x = tuple(v.detach().requires_grad_() if _differentiable(v) else v for v in x)
-                out = functional_call(module, state, x, strict=False, tie_weights=False)
-                if j == self.index:
-                    wire_out = self.to_wire(out, module) if self.last else _Flat(None, j, False, self.device).to_wire(
-                        out, module)  # fmt: skip
-                    break
-                wire_in = _Flat(None, j, False, self.device).to_wire(out, module)
-                x = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-            as_meta = _as_meta(wire_in if self.index else tuple(v for v in x if isinstance(v, torch.Tensor)))
-            return as_meta, _as_meta(wire_out)
+            x = tuple(fake(v) if isinstance(v, torch.Tensor) else v for v in inputs)
+            received = tuple(v for v in x if isinstance(v, torch.Tensor))
+            for j in range(self.index):
+                out = run(program.stages[j], x)
+                received = _sent(out, program.stages[j], j, self.device)
+                x = as_leaves(tuple(out))
+            module = program.stages[self.index]
+            return _as_meta(received), _as_meta(self.to_wire(run(module, x), module))
 
 
-def _differentiable(v: Any) -> bool:
-    return isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+def _sent(out: tuple[Any, ...], module: nn.Module, index: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """What module ``index`` (not the last) sends: its outputs, numbers as 0-dim tensors, all contiguous."""
+    numbers = getattr(module, "number_outputs", ())
+    leaves = [torch.tensor(v, device=device) if i in numbers else v for i, v in enumerate(tree_flatten(out)[0])]
+    if any(not isinstance(v, torch.Tensor) for v in leaves):
+        kinds = sorted({type(v).__name__ for v in leaves if not isinstance(v, torch.Tensor)})
+        raise TypeError(
+            f"module {index + 1} passes {', '.join(kinds)} to module {index + 2}; method='gpipe'/'1f1b' sends "
+            "tensors only between modules (torch.distributed.pipelining): choose other split_points, "
+            "capture='export', or method='bp' or 'fr'"
+        )
+    return tuple(v.contiguous() for v in leaves)  # (what the library sends must be)
 
 
 def _as_meta(values: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
@@ -212,7 +209,7 @@ class Microbatched:
         arg_mbs = self.split(inputs, batch, m)
         forward_only, training = self._schedules_for(key, m, program, arg_mbs[0])
         arg_mbs = arg_mbs if self.first else None
-        rng = _rng_state(self.device)
+        rng = RngState.capture(self.device)
         with torch.no_grad():
             merged = forward_only[0].eval(arg_mbs=arg_mbs)
         forward_only[1].clear_runtime_states()  # the micro-batches' outputs: merged is a copy
@@ -220,10 +217,7 @@ class Microbatched:
         out = None
         if self.last:
             tensors = list(merged) if isinstance(merged, (tuple, list)) else [merged]
-            leaves = [
-                (t.mean() if scalar else t).detach().requires_grad_(t.is_floating_point() or t.is_complex())
-                for t, scalar in zip(tensors, self.flat.scalars)
-            ]
+            leaves = list(as_leaves(tuple(t.mean() if scalar else t for t, scalar in zip(tensors, self.flat.scalars))))
             it = iter(leaves)
             out = tree_unflatten([next(it) if v is None else v for v in self.flat.leaves], self.flat.spec)
         self._step = (training, m, arg_mbs, leaves, rng)
@@ -245,28 +239,9 @@ class Microbatched:
             ]
             self._grads = [[g[i] for g in grads] for i in range(m)]
             target_mbs = [torch.tensor(i) for i in range(m)]
-        buffers = [b.detach().clone() for b in self.flat.buffers()]
-        devices = [self.device] if self.device.type != "cpu" else []
-        with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
-            _set_rng_state(rng, self.device)
-            with torch.enable_grad():
-                training[0].step(arg_mbs=arg_mbs, target_mbs=target_mbs, return_outputs=False)
+        # The forward the user's loss saw, once more: its random draws, and BatchNorm's running statistics
+        # (moved in phase 1) left alone, as in Features Replay's replays.
+        with rng.restored(), frozen_running_stats(self.flat), torch.enable_grad():
+            training[0].step(arg_mbs=arg_mbs, target_mbs=target_mbs, return_outputs=False)
         training[1].clear_runtime_states()
-        with torch.no_grad():
-            for b, saved in zip(self.flat.buffers(), buffers):
-                b.copy_(saved)
         self._grads = []
-
-
-def _rng_state(device: torch.device) -> tuple[torch.Tensor, Any]:
-    accelerator = None
-    if device.type != "cpu":
-        module = getattr(torch, device.type)
-        accelerator = module.get_rng_state(device)
-    return torch.get_rng_state(), accelerator
-
-
-def _set_rng_state(state: tuple[torch.Tensor, Any], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        getattr(torch, device.type).set_rng_state(state[1], device)
