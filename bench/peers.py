@@ -9,7 +9,9 @@ Contenders (the same model, global batch and K; SGD; cross-entropy):
 * ``mp``           replay_opt ``method="bp"``, one process per module: naive model parallelism
 * ``fr``, ``ddg``  replay_opt Features Replay and delayed gradients, one process per module
 * ``gpipe:M``, ``1f1b:M``  torch.distributed.pipelining's ScheduleGPipe / Schedule1F1B with M micro-batches,
-                   the model split by its own ``pipeline()`` at the same split points
+                   on ``PipelineStage``s built by hand from the model's own modules at the same split points
+* ``gpipe-traced:M``, ``1f1b-traced:M``  the same, the stages made by the library's tracer frontend
+                   ``pipeline()`` (an exported aten graph; not in the default set -- ask with ``--only``)
 * ``loop-gpipe:M``, ``loop-1f1b:M``  the same schedules through replay_opt's two lines and a standard loop
                    (``method="gpipe"``/``"1f1b"``: a forward-only pass first, see replay_opt/schedules.py)
 * ``torchgpipe:M`` torchgpipe's GPipe (one process, K devices) if it is installed
@@ -19,8 +21,9 @@ interleaved so a slow spell of the machine hits every contender alike; the media
 is reported.  Peak memory per rank: on CUDA the allocator's peak during the timed steps; on CPU
 the growth of the resident set over the run (what the steps added to what the model and data
 took), which includes the allocator's caching -- a coarse figure.  The planner
-(``replay_opt.plan.simulate``) predicts each contender's step time from a one-thread profile of
-the model's units and a ping-pong measurement of the link between two ranks; the table puts the
+(``replay_opt.plan.simulate``) predicts each contender's step time from one-thread profiles of
+the model's units (on the batch, on a micro-batch, on a DDP replica's share) and a ping-pong
+measurement of the link between two ranks; the table puts the
 prediction next to the measurement, and the predicted ranking is checked against the measured one.
 """
 
@@ -181,14 +184,18 @@ def step_replay(model, x, y, device, splits, args) -> Callable[[], None]:
 
 
 def step_schedule(model, x, y, device, splits, args) -> Callable[[], None]:
-    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, SplitPoint, pipeline
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, SplitPoint, pipeline
 
     kind, m = args.contender.split(":")
     m = int(m)
     rank, world = dist.get_rank(), dist.get_world_size()
-    pipe = pipeline(model, mb_args=(x[: len(x) // m],), split_spec={s: SplitPoint.BEGINNING for s in splits})
-    stage = pipe.build_stage(rank, device)
-    schedule = (ScheduleGPipe if kind == "gpipe" else Schedule1F1B)(stage, n_microbatches=m, loss_fn=F.cross_entropy)
+    if kind.endswith("-traced"):  # the library's tracer frontend: pipeline() exports the model to an aten graph
+        pipe = pipeline(model, mb_args=(x[: len(x) // m],), split_spec={s: SplitPoint.BEGINNING for s in splits})
+        stage = pipe.build_stage(rank, device)
+    else:  # stages built by hand from the model's own modules (eager, as torchtitan does)
+        stage = PipelineStage(_stages(model, splits)[rank].to(device), rank, world, device)
+    schedule = (ScheduleGPipe if kind.startswith("gpipe") else Schedule1F1B)(stage, n_microbatches=m,
+                                                                            loss_fn=F.cross_entropy)  # fmt: skip
     opt = _sgd(stage.submod.parameters())
     x, y = x.to(device), y.to(device)
 
@@ -209,39 +216,46 @@ def step_torchgpipe(model, x, y, device, splits, args) -> Callable[[], None]:
     from torchgpipe import GPipe
 
     m = int(args.contender.split(":")[1])
-    names, seq = _as_sequential(model)
-    if not set(splits) <= set(names):
-        raise ValueError(f"torchgpipe needs split points among {names}, got {splits}")
-    starts = [0, *(names.index(s) for s in splits), len(names)]
-    balance = [b - a for a, b in itertools.pairwise(starts)]
-    gpipe = GPipe(seq, balance=balance, devices=[device] * len(balance), chunks=m)
+    stages = _stages(model, splits)
+    seq = torch.nn.Sequential(*(unit for stage in stages for unit in stage))
+    gpipe = GPipe(seq, balance=[len(s) for s in stages], devices=[device] * len(stages), chunks=m)
     return step_bp(gpipe, x, y, device, splits, args)
 
 
-def _as_sequential(model: torch.nn.Module) -> tuple[list[str], torch.nn.Sequential]:
-    """The recipes' CIFAR ResNet as an nn.Sequential of its units (what torchgpipe takes), with their names."""
+def _stages(model: torch.nn.Module, splits: Sequence[str]) -> list[torch.nn.Sequential]:
+    """The model cut before each split point, each piece an nn.Sequential of its units (eager modules)."""
+    names, units = _as_sequential(model)
+    if not set(splits) <= set(names):
+        raise ValueError(f"hand-built stages need split points among {names}, got {splits}")
+    starts = [0, *(names.index(s) for s in splits), len(names)]
+    return [torch.nn.Sequential(*units[a:b]) for a, b in itertools.pairwise(starts)]
+
+
+def _as_sequential(model: torch.nn.Module) -> tuple[list[str], list[torch.nn.Module]]:
+    """The recipes' CIFAR ResNet as its units in order, with their names."""
     stem = torch.nn.Sequential(model.conv1, model.bn1, torch.nn.ReLU())
     blocks = [(f"layers.{i}.{j}", block) for i, stage in enumerate(model.layers) for j, block in enumerate(stage)]
     head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(1), model.fc)
     named = [("conv1", stem), *blocks, ("fc", head)]
-    return [n for n, _ in named], torch.nn.Sequential(*(module for _, module in named))
+    return [n for n, _ in named], [module for _, module in named]
 
 
 STEPS = {"bp": step_bp, "ddp": step_ddp, "mp": step_replay, "fr": step_replay, "ddg": step_replay,
-         "gpipe": step_schedule, "1f1b": step_schedule, "torchgpipe": step_torchgpipe,
+         "gpipe": step_schedule, "1f1b": step_schedule, "gpipe-traced": step_schedule, "1f1b-traced": step_schedule,
+         "torchgpipe": step_torchgpipe,
          "loop-gpipe": step_replay, "loop-1f1b": step_replay}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the run
 
 
-def predict(units: Sequence[Any], starts: list[int], link: Any, name: str, k: int) -> float:
+def predict(units: Sequence[Any], starts: list[int], link: Any, name: str, k: int, smaller: Any) -> float:
     from replay_opt.plan import simulate
 
     kind, _, m = name.partition(":")
-    times = simulate(units, starts, link, microbatches=int(m) if m else 1, replicas=k)
-    kinds = {"bp": "one_device", "mp": "bp", "torchgpipe": "gpipe", "loop-gpipe": "gpipe_loop",
-             "loop-1f1b": "gpipe_loop"}  # fmt: skip
+    times = simulate(units, starts, link, microbatches=int(m) if m else 1, replicas=k, smaller=smaller)
+    kinds = {"bp": "one_device", "mp": "bp", "torchgpipe": "gpipe", "gpipe-traced": "gpipe", "1f1b-traced": "1f1b",
+             "loop-gpipe": "gpipe_loop", "loop-1f1b": "gpipe_loop"}  # fmt: skip
     return times[kinds.get(kind, kind)]
 
 
@@ -285,7 +299,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build_model(args.model, 10).to(args.device)
-    units = profile(model, (torch.randn(args.batch_size, 3, 32, 32, device=args.device),), repeats=5)
+
+    def profile_at(batch: int) -> list[Any]:
+        return profile(model, (torch.randn(batch, 3, 32, 32, device=args.device),), repeats=5)
+
+    units = profile_at(args.batch_size)
     names = [u.name for u in units]
     common = ["--worker", "--model", args.model, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
               "--warmup", str(args.warmup), "--device", args.device]  # fmt: skip
@@ -298,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if any(n.startswith("torchgpipe") for n in names_run) and not _importable("torchgpipe"):
         print("torchgpipe is not installed (pip install torchgpipe): left out")
         names_run = [n for n in names_run if not n.startswith("torchgpipe")]
+    # What a micro-batch and a DDP replica's share really cost (the planner scales by 1/n without these).
+    fractions = {k, *(int(n.split(":")[1]) for n in names_run if ":" in n)}
+    smaller = {n: profile_at(args.batch_size // n) for n in sorted(fractions)}
     samples: dict[str, list[float]] = {n: [] for n in names_run}
     peaks: dict[str, list[int]] = {}
     failed: dict[str, str] = {}
@@ -315,14 +336,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             samples[name].append(out["samples_per_s"])
             peaks[name] = out["peak_bytes"]
     base = statistics.median(samples["bp"]) if samples.get("bp") else float("nan")
-    predicted_base = args.batch_size / predict(units, starts, link, "bp", k)
+    predicted_base = args.batch_size / predict(units, starts, link, "bp", k, smaller)
     rows = []
     for name in names_run:
         if name in failed:
             rows.append({"name": name, "failed": failed[name]})
             continue
         got = statistics.median(samples[name])
-        predicted = args.batch_size / predict(units, starts, link, name, k)
+        predicted = args.batch_size / predict(units, starts, link, name, k, smaller)
         rows.append({"name": name, "samples_per_s": got, "ratio": got / base, "predicted_samples_per_s": predicted,
                      "predicted_ratio": predicted / predicted_base,
                      "peak_mib": [p / 2**20 for p in peaks[name]], "rounds": samples[name]})  # fmt: skip

@@ -9,11 +9,12 @@ boundary transfer time c_k = latency + bytes_k / bandwidth, one training step ta
 
 * BP, naive model parallelism (every device waits):  sum_k (F_k + B_k) + 2 sum_k c_k
 * GPipe with M micro-batches (fill and drain):         sum_k (f_k + c_k) + (M-1) max_k (f_k + c_k)
-                                                       + the same for b_k,  with f_k = F_k / M, b_k = B_k / M,
-                                                       c_k for a micro-batch
+                                                       + the same for b_k,  with f_k, b_k module k's times on a
+                                                       micro-batch (profiled at B/M; F_k / M without that
+                                                       profile), c_k for a micro-batch
 * 1F1B with M micro-batches: the same bubble as GPipe (it only reorders the steady state so that
   at most K micro-batches' activations are alive instead of M)
-* DDP over K devices (B/K samples each):               sum_k (F_k + B_k) / K + a ring all-reduce of the
+* DDP over K devices (B/K samples each):               the model's time on B/K samples + a ring all-reduce of the
                                                        gradients, 2 (K-1)/K * bytes / bandwidth + 2 (K-1) latency
                                                        (not overlapped with the backward pass: an upper bound)
 * DDG, one process per module (no one waits):          max_k (F_k + B_k + c_k)
@@ -32,7 +33,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -72,25 +73,34 @@ def simulate(
     link: Link = DEFAULT_LINK,
     microbatches: int = 4,
     replicas: int | None = None,
+    smaller: Mapping[int, Sequence[UnitProfile]] | None = None,
 ) -> dict[str, float]:
     """Predicted seconds per training step on K = len(starts) + 1 devices, per schedule
-    (``replicas``: the devices DDP spreads the batch over; K by default)."""
+    (``replicas``: the devices DDP spreads the batch over; K by default).
+
+    ``smaller``: the same units profiled on 1/n of the batch, by n -- what a micro-batch (n = M) or
+    a DDP replica's share (n = replicas) really costs (on a GPU, far more than 1/n of the full
+    batch's time).  Without a profile for n, a unit on 1/n of the batch takes 1/n of its time.
+    """
     mods = _modules(units, starts)
     d = replicas or len(mods)
+    m = microbatches
+    smaller = smaller or {}
+    micro_mods = _modules(smaller[m], starts) if m in smaller else [(f / m, b / m, n) for f, b, n in mods]
     param_bytes = 4 * sum(u.params for u in units)
     comm = [link.time(nbytes) for _, _, nbytes in mods[:-1]]
     out = [*comm, 0.0]  # what each module sends on; the last sends nothing
-    m = microbatches
     micro = [link.time(nbytes / m) for _, _, nbytes in mods[:-1]] + [0.0]
-    fill = [f / m + c for (f, _, _), c in zip(mods, micro)]
-    drain = [b / m + c for (_, b, _), c in zip(mods, micro)]
+    fill = [f + c for (f, _, _), c in zip(micro_mods, micro)]
+    drain = [b + c for (_, b, _), c in zip(micro_mods, micro)]
     fr_work = [2 * f + b for f, b, _ in mods[:-1]] + [mods[-1][0] + mods[-1][1]]
     one_device = sum(u.forward_s + u.backward_s for u in units)
+    share = sum(u.forward_s + u.backward_s for u in smaller[d]) if d in smaller else one_device / d
     forward_pass = sum(fill) + (m - 1) * max(fill)
     gpipe = forward_pass + sum(drain) + (m - 1) * max(drain)
     return {
         "one_device": one_device,
-        "ddp": one_device / d + (2 * (d - 1) * (link.latency + param_bytes / d / link.bandwidth) if d > 1 else 0.0),
+        "ddp": share + (2 * (d - 1) * (link.latency + param_bytes / d / link.bandwidth) if d > 1 else 0.0),
         "bp": sum(f + b for f, b, _ in mods) + 2 * sum(comm),
         "gpipe": gpipe,
         "1f1b": gpipe,
@@ -119,13 +129,17 @@ def best_fr_cut(units: Sequence[UnitProfile], k: int, link: Link = DEFAULT_LINK)
 
 
 def recommend(
-    units: Sequence[UnitProfile], max_modules: int, link: Link = DEFAULT_LINK, microbatches: int = 4
+    units: Sequence[UnitProfile],
+    max_modules: int,
+    link: Link = DEFAULT_LINK,
+    microbatches: int = 4,
+    smaller: Mapping[int, Sequence[UnitProfile]] | None = None,
 ) -> list[dict[str, Any]]:
     """For each K, the best FR cut and the predicted step time of every schedule at that cut."""
     rows = []
     for k in range(1, min(max_modules, len(units)) + 1):
         starts = best_fr_cut(units, k, link)
-        times = simulate(units, starts, link, microbatches)
+        times = simulate(units, starts, link, microbatches, smaller=smaller)
         rows.append(
             {
                 "K": k,
@@ -157,10 +171,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     from recipes.models import build_model  # the CLI runs from the repository root
 
     model = build_model(args.model, args.num_classes).to(args.device)
-    example = (torch.randn(args.batch_size, *args.input_shape, device=args.device),)
-    units = profile(model, example)
+    units = profile(model, (torch.randn(args.batch_size, *args.input_shape, device=args.device),))
+    # The same units on a micro-batch and on each DDP replica's share of the batch.
+    fractions = {args.microbatches, *range(2, args.max_modules + 1)}
+    smaller = {n: profile(model, (torch.randn(args.batch_size // n, *args.input_shape, device=args.device),))
+               for n in sorted(fractions) if args.batch_size // n >= 1}  # fmt: skip
     link = Link(args.bandwidth, args.latency)
-    rows = recommend(units, args.max_modules, link, args.microbatches)
+    rows = recommend(units, args.max_modules, link, args.microbatches, smaller)
     print(f"{args.model}, batch {args.batch_size}, profiled on {args.device}; link {args.bandwidth:.3g} B/s, "
           f"{args.latency:.1e} s; GPipe with {args.microbatches} micro-batches; seconds per step")  # fmt: skip
     print("| K | FR split points | 1 device | DDP | BP | GPipe/1F1B | DDG | FR | FR speed-up |")

@@ -35,6 +35,20 @@ def test_simulate_formulas():
     assert single["fr"] == single["bp"] == single["gpipe"] == single["ddp"] == pytest.approx(11.0)
 
 
+def test_simulate_uses_the_profile_of_a_smaller_batch_where_given():
+    us = units([(1.0, 2.0, 100), (2.0, 4.0, 200), (1.0, 1.0, 300)])
+    half = units([(0.75, 1.5, 50), (1.25, 3.0, 100), (0.5, 0.75, 150)])  # a half batch: more than half the time
+    link = Link(bandwidth=100.0, latency=0.5)
+    t = simulate(us, [1], link, microbatches=2, replicas=2, smaller={2: half})
+    cm = 0.5 + 50 / 100
+    fill = [0.75 + cm, 1.25 + 0.5]
+    drain = [1.5 + cm, 3.0 + 0.75]
+    assert t["gpipe"] == pytest.approx(sum(fill) + max(fill) + sum(drain) + max(drain))
+    assert t["ddp"] == pytest.approx(0.75 + 1.5 + 1.25 + 3.0 + 0.5 + 0.75 + 2 * 0.5)  # B/2 each, then all-reduce
+    assert t["fr"] == simulate(us, [1], link)["fr"]  # FR runs the whole batch
+    assert simulate(us, [1], link, microbatches=4, smaller={2: half})["gpipe"] == simulate(us, [1], link, 4)["gpipe"]
+
+
 def test_simulate_ddp():
     us = [UnitProfile("a", 1.0, 2.0, 100, 1000), UnitProfile("b", 3.0, 2.0, 100, 1500)]  # 2500 params: 10 kB
     link = Link(bandwidth=1000.0, latency=0.25)
