@@ -9,22 +9,24 @@ Contenders (the same model, global batch and K; SGD; cross-entropy):
 * ``mp``           replay_opt ``method="bp"``, one process per module: naive model parallelism
 * ``fr``, ``ddg``  replay_opt Features Replay and delayed gradients, one process per module
 * ``gpipe:M``, ``1f1b:M``  torch.distributed.pipelining's ScheduleGPipe / Schedule1F1B with M micro-batches,
-                   on ``PipelineStage``s built by hand from the model's own modules at the same split points
+                   on ``PipelineStage``s built by hand from the model's own modules
 * ``gpipe-traced:M``, ``1f1b-traced:M``  the same, the stages made by the library's tracer frontend
                    ``pipeline()`` (an exported aten graph; not in the default set -- ask with ``--only``)
 * ``loop-gpipe:M``, ``loop-1f1b:M``  the same schedules through replay_opt's two lines and a standard loop
                    (``method="gpipe"``/``"1f1b"``: a forward-only pass first, see replay_opt/schedules.py)
 * ``torchgpipe:M`` torchgpipe's GPipe (one process, K devices) if it is installed
 
-Each contender runs in fresh processes (``bench.parallel.launch``), once per round, the rounds
-interleaved so a slow spell of the machine hits every contender alike; the median of the rounds
-is reported.  Peak memory per rank: on CUDA the allocator's peak during the timed steps; on CPU
-the growth of the resident set over the run (what the steps added to what the model and data
-took), which includes the allocator's caching -- a coarse figure.  The planner
-(``replay_opt.plan.simulate``) predicts each contender's step time from one-thread profiles of
-the model's units (on the batch, on a micro-batch, on a DDP replica's share) and a ping-pong
-measurement of the link between two ranks; the table puts the
-prediction next to the measurement, and the predicted ranking is checked against the measured one.
+Each pipeline runs on the cut that balances its own device time in the planner's profile: FR's
+(module 1 also replays), and forward + backward for all the others.  Each contender runs in fresh
+processes (``bench.parallel.launch``), once per round, the rounds interleaved so a slow spell of
+the machine hits every contender alike; the median of the rounds is reported.  Peak memory per
+rank: on CUDA the allocator's peak during the timed steps; on CPU the growth of the resident set
+over the run (what the steps added to what the model and data took), which includes the
+allocator's caching -- a coarse figure.  The planner (``replay_opt.plan.simulate``) predicts each
+contender's step time from one-thread profiles of the model's units (on the batch, on a
+micro-batch, on a DDP replica's share) and a ping-pong measurement of the link between two ranks;
+the table puts the prediction next to the measurement, and the predicted ranking is checked
+against the measured one.
 """
 
 from __future__ import annotations
@@ -294,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from recipes.models import build_model
     from replay_opt.balance import profile
     from replay_opt.plan import Link, best_fr_cut
+    from replay_opt.units import balanced_starts
 
     k = args.modules
     torch.set_num_threads(1)
@@ -307,11 +310,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     names = [u.name for u in units]
     common = ["--worker", "--model", args.model, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
               "--warmup", str(args.warmup), "--device", args.device]  # fmt: skip
-    starts = best_fr_cut(units, k, Link(1e12, 0.0))  # balanced device time; the link is measured next
-    boundary = max(units[i - 1].output_bytes for i in starts)
+    # Each contender on the cut that balances its own device time (the link is measured next): FR's
+    # module 1 also replays; every other pipeline balances forward + backward.
+    cuts = {"fr": best_fr_cut(units, k, Link(1e12, 0.0)),
+            "others": balanced_starts([u.forward_s + u.backward_s for u in units], k)}  # fmt: skip
+    boundary = max(units[i - 1].output_bytes for starts in cuts.values() for i in starts)
     measured_link = launch("bench.peers", [*common, "--contender", "link", "--bytes", str(boundary)], 2, 1, "link")
     link = Link(measured_link["bandwidth"], measured_link["latency"])
-    splits = ",".join(names[i] for i in starts)
+    splits = {key: ",".join(names[i] for i in starts) for key, starts in cuts.items()}
+
+    def cut_of(name: str) -> str:
+        return "fr" if name == "fr" else "others"
+
     names_run = args.only or contenders(k, args.microbatches)
     if any(n.startswith("torchgpipe") for n in names_run) and not _importable("torchgpipe"):
         print("torchgpipe is not installed (pip install torchgpipe): left out")
@@ -327,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if name in failed:
                 continue
             processes = 1 if name.split(":")[0] in ONE_PROCESS else k
-            cmd = [*common, "--contender", name, "--split-points", splits]
+            cmd = [*common, "--contender", name, "--split-points", splits[cut_of(name)]]
             try:
                 out = launch("bench.peers", cmd, processes, 1, name)
             except RuntimeError as exc:
@@ -336,20 +346,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             samples[name].append(out["samples_per_s"])
             peaks[name] = out["peak_bytes"]
     base = statistics.median(samples["bp"]) if samples.get("bp") else float("nan")
-    predicted_base = args.batch_size / predict(units, starts, link, "bp", k, smaller)
+    predicted_base = args.batch_size / predict(units, cuts["fr"], link, "bp", k, smaller)
     rows = []
     for name in names_run:
         if name in failed:
             rows.append({"name": name, "failed": failed[name]})
             continue
         got = statistics.median(samples[name])
-        predicted = args.batch_size / predict(units, starts, link, name, k, smaller)
+        predicted = args.batch_size / predict(units, cuts[cut_of(name)], link, name, k, smaller)
         rows.append({"name": name, "samples_per_s": got, "ratio": got / base, "predicted_samples_per_s": predicted,
                      "predicted_ratio": predicted / predicted_base,
                      "peak_mib": [p / 2**20 for p in peaks[name]], "rounds": samples[name]})  # fmt: skip
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(
-        f"{args.model}, batch {args.batch_size}, K={k} split at {splits}; {device}, 1 thread per process; "
+        f"{args.model}, batch {args.batch_size}, K={k} split at {splits['fr']} (FR), {splits['others']} (the others); "
+        f"{device}, 1 thread per process; "
         f"link {link.bandwidth:.3g} B/s, {link.latency:.1e} s (measured); median of {args.rounds} rounds"
     )
     print("| contender | samples/s | ratio to BP, 1 device | predicted ratio | peak MiB per rank |")
@@ -370,7 +381,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"link": measured_link, "split_points": splits, "rows": rows, "kendall_tau": tau}, f, indent=2)
+            json.dump({"link": measured_link, "split_points": splits["fr"], "split_points_others": splits["others"],
+                       "rows": rows, "kendall_tau": tau}, f, indent=2)  # fmt: skip
 
 
 def _importable(name: str) -> bool:
