@@ -234,11 +234,10 @@ def _stages(model: torch.nn.Module, splits: Sequence[str]) -> list[torch.nn.Sequ
 
 
 def _as_sequential(model: torch.nn.Module) -> tuple[list[str], list[torch.nn.Module]]:
-    """The recipes' CIFAR ResNet as its units in order, with their names."""
-    stem = torch.nn.Sequential(model.conv1, model.bn1, torch.nn.ReLU())
+    """The recipes' CIFAR ResNet as its units in order, named as the planner's profile names them."""
     blocks = [(f"layers.{i}.{j}", block) for i, stage in enumerate(model.layers) for j, block in enumerate(stage)]
     head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(1), model.fc)
-    named = [("conv1", stem), *blocks, ("fc", head)]
+    named = [("conv1", model.conv1), ("bn1", torch.nn.Sequential(model.bn1, torch.nn.ReLU())), *blocks, ("fc", head)]
     return [n for n, _ in named], [module for _, module in named]
 
 
