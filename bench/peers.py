@@ -226,14 +226,14 @@ def step_torchgpipe(model, x, y, device, splits, args) -> Callable[[], None]:
 
 def _stages(model: torch.nn.Module, splits: Sequence[str]) -> list[torch.nn.Sequential]:
     """The model cut before each split point, each piece an nn.Sequential of its units (eager modules)."""
-    names, units = _as_sequential(model)
+    names, units = _named_units(model)
     if not set(splits) <= set(names):
         raise ValueError(f"hand-built stages need split points among {names}, got {splits}")
     starts = [0, *(names.index(s) for s in splits), len(names)]
     return [torch.nn.Sequential(*units[a:b]) for a, b in itertools.pairwise(starts)]
 
 
-def _as_sequential(model: torch.nn.Module) -> tuple[list[str], list[torch.nn.Module]]:
+def _named_units(model: torch.nn.Module) -> tuple[list[str], list[torch.nn.Module]]:
     """The recipes' CIFAR ResNet as its units in order, named as the planner's profile names them."""
     blocks = [(f"layers.{i}.{j}", block) for i, stage in enumerate(model.layers) for j, block in enumerate(stage)]
     head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(1), model.fc)
