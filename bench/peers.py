@@ -327,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         names_run = [n for n in names_run if not n.startswith("torchgpipe")]
     # What a micro-batch and a DDP replica's share really cost (the planner scales by 1/n without these).
     fractions = {k, *(int(n.split(":")[1]) for n in names_run if ":" in n)}
-    smaller = {n: profile_at(args.batch_size // n) for n in sorted(fractions)}
+    smaller = {n: profile_at(args.batch_size // n) for n in sorted(fractions) if args.batch_size // n >= 1}
     samples: dict[str, list[float]] = {n: [] for n in names_run}
     peaks: dict[str, list[int]] = {}
     failed: dict[str, str] = {}
