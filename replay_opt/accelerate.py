@@ -21,6 +21,8 @@ scheduler from ``prepare``              steps once per optimizer step and replic
 ``wait_for_everyone``                   a barrier the whole pipeline reaches together --
                                         bounded by the wrapper's ``timeout``, and any rank
                                         doing something else is named at once
+``num_processes``                       the data-parallel processes: D replicas (what a
+                                        script scales its learning rate, warm-up or loss by)
 ``unwrap_model``                        the model you wrapped (``save_pretrained``,
                                         ``state_dict()`` with its own keys and every
                                         module's current weights: collective)
@@ -116,6 +118,15 @@ def install() -> None:
     accelerator_module.gather_object = pipeline_gather_object
 
     _patch(PartialState, "wait_for_everyone", lambda pipeline, original, self: pipeline.barrier())
+
+    num_processes = Accelerator.num_processes
+
+    @property  # type: ignore[misc]
+    def pipeline_num_processes(self: Any) -> int:
+        pipeline = _active()
+        return num_processes.fget(self) if pipeline is None else pipeline.layout.replicas
+
+    Accelerator.num_processes = pipeline_num_processes
 
     unwrap_model = Accelerator.unwrap_model
 

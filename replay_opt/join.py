@@ -45,7 +45,9 @@ class _Join(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, stale: StaleGradients, output: torch.Tensor, *replayed: torch.Tensor) -> torch.Tensor:
         ctx.stale = stale
-        return output.view_as(output)
+        # An alias, not a view: the caller may change the output in place (Trainer's ``loss *= n``,
+        # ``loss /= accumulation_steps``) as with the model's own output; no copy of large logits.
+        return output.detach()
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
-from collections.abc import Sequence
+import sys
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -72,7 +76,36 @@ class ReplayModelWrapper(nn.Module):
     step: pair it with ``loss.backward()`` and ``ReplayOptimizer.step()``.  In
     eval mode, or under ``torch.no_grad()``, it is plain inference and leaves
     the pipeline untouched.
+
+    What libraries inspect on a model, the wrapper presents as the model's own
+    (so ``transformers.Trainer`` and Accelerate treat it as the model):
+
+    * ``inspect.signature(wrapper.forward)`` (and of ``type(wrapper).forward``)
+      is the model's ``forward`` signature: Trainer keeps the dataset columns
+      the model takes and finds its ``label_names`` from it;
+    * ``state_dict()`` / ``load_state_dict()`` use the model's own keys (no
+      ``module.`` prefix; a prefixed state dict loads too), so a saved state
+      dict, ``Trainer.save_model`` and ``save_pretrained`` reload into the bare
+      model;
+    * any other attribute the wrapper does not have is read from the model
+      (``config``, ``name_or_path``, ``main_input_name``, ``generation_config``,
+      ``_keys_to_ignore_on_save``, ``floating_point_ops``, ...), as PEFT's
+      ``PeftModel`` does;
+    * ``hf_device_map`` says where the modules are (set only when they span
+      several devices of this process, so that Trainer neither moves the model
+      nor wraps it in ``DataParallel``).
+
+    A cache (``use_cache=True`` in a transformers config) is never requested in a
+    forward that runs through the cut: ``use_cache=False`` is passed wherever the
+    model's ``forward`` takes it.
     """
+
+    def __new__(cls, module: Any = None, *args: Any, **kwargs: Any) -> ReplayModelWrapper:
+        # One subclass per model class, whose ``forward`` shows the model's signature: libraries
+        # read it from the class (transformers' ``find_labels(type(model))``), not only from the object.
+        if cls is ReplayModelWrapper and isinstance(module, nn.Module):
+            cls = _presenting(type(module))
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -131,6 +164,10 @@ class ReplayModelWrapper(nn.Module):
             module._register_state_dict_hook(FreshStateDict(self))
             if layout.rank == 0:
                 print(layout.describe(), flush=True)
+        if layout is not None and "transformers" in sys.modules:
+            from .trainer import install as install_trainer
+
+            install_trainer()  # Trainer saves from the main process only; the other modules' ranks join in
         self._partition.on_new_program = self._place
         from .accelerate import install
 
@@ -216,11 +253,60 @@ class ReplayModelWrapper(nn.Module):
     def extra_repr(self) -> str:
         return f"num_modules={self.num_modules}, method={self.method!r}, split_points={self.split_points}"
 
+    # ----------------------------------------------------------------------- the model's face
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self.__dict__.get("_modules", {}).get("module")
+            if module is None or name.startswith("__") or name in _NOT_FORWARDED:
+                raise
+            return getattr(module, name)  # the model's attribute: config, name_or_path, generation_config, ...
+
+    @property
+    def hf_device_map(self) -> dict[str, str]:
+        """Where each module runs, as transformers' ``hf_device_map`` (first unit -> device) -- only when this
+        process spreads the modules over several devices; otherwise there is none (an AttributeError, as for a
+        model on one device: Accelerate and Trainer test ``hasattr``)."""
+        if self._devices is None or self._pipeline is not None or len(set(self._devices)) < 2:
+            raise AttributeError("hf_device_map")
+        split_points = self.split_points
+        names = ["(input)", *split_points] if split_points else [f"module {i + 1}" for i in range(self.num_modules)]
+        return {name: str(device) for name, device in zip(names, self._devices)}
+
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(
+            "activation (gradient) checkpointing is not supported inside a ReplayModelWrapper: its captured graphs "
+            "run the layers directly. Drop activation_checkpointing=True / gradient_checkpointing=True (Features "
+            "Replay keeps no graph across steps and already recomputes each module's forward)"
+        )
+
+    gradient_checkpointing_enable = activation_checkpointing_enable
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The model's own state dict (its keys, no ``module.`` prefix); collective with one process per module."""
+        return self.module.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load the model's state dict (its own keys, or with the ``module.`` prefix of a DDP-style save)."""
+        if state_dict and all(k.startswith("module.") for k in state_dict) and not hasattr(self.module, "module"):
+            stripped = OrderedDict((k.removeprefix("module."), v) for k, v in state_dict.items())
+            metadata = getattr(state_dict, "_metadata", None)
+            if metadata is not None:
+                stripped._metadata = OrderedDict(  # type: ignore[attr-defined]
+                    ("" if k == "module" else k.removeprefix("module."), v) for k, v in metadata.items()
+                )
+            state_dict = stripped
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
     # ----------------------------------------------------------------------- forward
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._sync_devices()
         training = self.training and torch.is_grad_enabled()
+        if training or self._pipeline is not None or self._devices is not None:  # through the cut
+            kwargs = self._partition.without_cache(args, kwargs)
         if training:
             if self._optimizer is None and not isinstance(self._method, Backprop):
                 raise RuntimeError(
@@ -348,6 +434,32 @@ class ReplayModelWrapper(nn.Module):
             )
         self._sync_devices()
         self._method.load_state_dict(state)
+
+
+# Attributes the wrapper must not take from the model: its own (set or looked up before they exist), and those
+# whose model value would be wrong for the wrapper (it is not a DDP or compiled module, nor sharded at load time).
+_NOT_FORWARDED = frozenset({
+    "module", "_optimizer", "_partition", "_stages", "_method", "_pipeline", "_devices",
+    "_is_accelerate_prepared", "is_distributed_loading_by_transformers", "_orig_mod", "hf_device_map",
+})  # fmt: skip
+
+
+@functools.cache
+def _presenting(model_class: type[nn.Module]) -> type[ReplayModelWrapper]:
+    """``ReplayModelWrapper`` for ``model_class``: its ``forward`` shows the model's ``forward`` signature."""
+    try:
+        signature = inspect.signature(model_class.forward)
+    except (TypeError, ValueError):
+        return ReplayModelWrapper
+
+    def forward(self: ReplayModelWrapper, *args: Any, **kwargs: Any) -> Any:
+        return ReplayModelWrapper.forward(self, *args, **kwargs)
+
+    forward.__signature__ = signature  # type: ignore[attr-defined]
+    forward.__doc__ = model_class.forward.__doc__
+    forward.__qualname__ = "ReplayModelWrapper.forward"
+    name = f"ReplayModelWrapper[{model_class.__name__}]"
+    return type(name, (ReplayModelWrapper,), {"forward": forward, "__module__": __name__, "__qualname__": name})
 
 
 def _set_microbatches(method: Any, microbatches: int | None, one_process_per_module: bool) -> None:

@@ -117,7 +117,7 @@ def train_tied(steps: int = 6, method: str = "fr") -> dict:
         opt.zero_grad()
     state = wrapper.state_dict()
     wrapper._pipeline.close()
-    tied_once = state["module.embed.weight"] is state["module.head.weight"]  # as in one process: one tensor
+    tied_once = state["embed.weight"] is state["head.weight"]  # as in one process: one tensor
     return {"model": state, "embed": model.embed.weight.detach().clone(), "head": model.head.weight.detach().clone(),
             "tied_once": tied_once}  # fmt: skip
 

@@ -136,7 +136,12 @@ def test_optimizer_built_before_wrapping_and_in_place_training():
     naive_features_replay(sequential_stages(reference, [4]), data, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
     assert wrapper.module is model
     assert max_param_diff(model, reference) <= 1e-6
-    assert set(wrapper.state_dict()) == {f"module.{k}" for k in model.state_dict()}
+    assert list(wrapper.state_dict()) == list(model.state_dict())  # the model's own keys: loads into it
+    twin = mlp()
+    twin.load_state_dict(wrapper.state_dict())
+    assert max_param_diff(model, twin) == 0
+    prefixed = {f"module.{k}": v.clone() for k, v in twin.state_dict().items()}  # a DDP-style save loads too
+    wrapper.load_state_dict(prefixed)
 
 
 def test_eval_in_between_is_plain_inference_and_pipeline_continues():

@@ -1,0 +1,177 @@
+"""transformers' ``Trainer`` with the two lines, as its example scripts use it (``tests/trainer_tasks.py``).
+
+The reference is the unmodified script with the plain Trainer: ``method="bp"`` must give its per-step losses,
+gradient norms (``max_grad_norm`` clipping over every module), learning rates, ``eval_loss`` and metrics, and
+every trained weight; ``method="fr"`` must train every parameter plain training trains.  Models come from
+``from_pretrained`` of local directories with their configs' defaults (``use_cache=True``, dropout on), the data
+from ``load_dataset`` on local text and csv files, as ``run_clm.py`` and ``run_classification.py`` load them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("datasets")
+transformers = pytest.importorskip("transformers")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import trainer_tasks  # noqa: E402
+
+from replay_opt import ReplayModelWrapper, ReplayOptimizer  # noqa: E402
+
+SCRIPT = dict(accumulation=2, max_grad_norm=0.5)  # gradient accumulation, and clipping that bites (norms ~1)
+
+
+@pytest.fixture(scope="session")
+def hf_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_files")
+    trainer_tasks.prepare(str(root))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def runs(hf_files, tmp_path_factory):
+    """Runs of the script by their settings, each done once per module."""
+    done: dict = {}
+
+    def get(**kwargs):
+        key = tuple(sorted(kwargs.items()))
+        if key not in done:
+            out = tmp_path_factory.mktemp("run")
+            done[key] = {**trainer_tasks.train(hf_files, str(out), **kwargs), "out": str(out)}
+        return done[key]
+
+    return get
+
+
+def initial(hf_files: str, model: str) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in load(str(Path(hf_files) / model), model).state_dict().items()}
+
+
+def load(directory: str, model: str) -> torch.nn.Module:
+    auto = transformers.AutoModelForSequenceClassification if model == "bert" else transformers.AutoModelForCausalLM
+    return auto.from_pretrained(directory)
+
+
+def assert_close(a, b, atol=1e-5):
+    torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
+                               rtol=0, atol=atol)  # fmt: skip
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
+
+
+def assert_reloads(run: dict, model: str) -> None:
+    """``save_model``'s directory loads with ``from_pretrained`` to exactly the trained weights."""
+    assert_same_weights(dict(load(run["out"], model).state_dict()), run["state"], atol=0)
+
+
+@pytest.mark.parametrize("model", ["gpt2", pytest.param("llama", marks=pytest.mark.slow),
+                                   pytest.param("bert", marks=pytest.mark.slow)])  # fmt: skip
+def test_bp_equals_the_plain_trainer(runs, model):
+    plain, bp = runs(model=model, **SCRIPT), runs(model=model, method="bp", **SCRIPT)
+    assert bp["label_names"] == plain["label_names"] == ["labels"]  # found from the wrapper's forward signature
+    assert len(bp["losses"]) == 6 and len(bp["evals"]) == 3
+    for key in ("losses", "grad_norms", "learning_rates", "evals"):
+        assert_close(bp[key], plain[key])
+    assert max(plain["grad_norms"]) > SCRIPT["max_grad_norm"]  # clipping happened
+    assert_close(bp["metrics"]["eval_loss"], plain["metrics"]["eval_loss"])
+    assert_close(bp["metrics"]["eval_accuracy"], plain["metrics"]["eval_accuracy"])
+    assert_same_weights(bp["state"], plain["state"])
+    assert_reloads(bp, model)
+
+
+@pytest.mark.parametrize("model", ["gpt2", pytest.param("llama", marks=pytest.mark.slow),
+                                   pytest.param("bert", marks=pytest.mark.slow)])  # fmt: skip
+def test_fr_trains_every_parameter_plain_training_trains(runs, hf_files, model):
+    plain, fr = runs(model=model, **SCRIPT), runs(model=model, method="fr", **SCRIPT)
+    start = initial(hf_files, model)
+    trained = {k for k in start if not torch.equal(start[k], plain["state"][k])}
+    assert trained and trained == {k for k in start if not torch.equal(start[k], fr["state"][k])}
+    assert fr["losses"][:2] == plain["losses"][:2]  # K=2: the first step is plain backprop's, to the last digit
+    assert all(torch.isfinite(torch.tensor(fr[k])).all() for k in ("losses", "grad_norms", "evals"))
+    assert abs(fr["metrics"]["eval_loss"] - plain["metrics"]["eval_loss"]) < 0.05
+    assert_reloads(fr, model)
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(runs, hf_files, tmp_path):
+    whole = runs(model="gpt2", method="fr", save_steps=3, **SCRIPT)
+    resumed = trainer_tasks.train(hf_files, str(tmp_path), model="gpt2", method="fr", save_steps=3,
+                                  resume=str(Path(whole["out"]) / "checkpoint-3"), **SCRIPT)  # fmt: skip
+    assert_close(resumed["losses"], whole["losses"])  # steps 1-3 from the checkpoint's log, 4-6 trained again
+    assert_close(resumed["evals"], whole["evals"])
+    assert_same_weights(resumed["state"], whole["state"], atol=0)
+
+
+@pytest.mark.slow
+def test_one_process_per_module_equals_one_process(cpu_cluster, runs, hf_files, tmp_path):
+    """``accelerate launch --num_processes 2`` running the Trainer script: rank 0 (the last module) logs the real
+    losses and metrics; checkpoints, ``save_model`` and ``resume_from_checkpoint`` work from every rank."""
+    settings = dict(model="gpt2", dropout=False, save_steps=3, **SCRIPT)  # dropout off: one RNG per process
+    for method in ("bp", "fr"):
+        one = runs(method=method, **settings)
+        out = tmp_path / method
+        ranks = cpu_cluster.run("trainer_tasks:train", root=hf_files, out=str(out), method=method, **settings)
+        for key in ("losses", "grad_norms", "learning_rates", "evals"):
+            assert_close(ranks[0][key], one[key])
+        assert_close(ranks[0]["metrics"]["eval_loss"], one["metrics"]["eval_loss"])
+        for rank in ranks:  # every rank's state dict holds every module's trained weights
+            assert_same_weights(rank["state"], one["state"])
+        assert_reloads({"out": str(out), "state": ranks[0]["state"]}, "gpt2")
+    resumed = cpu_cluster.run("trainer_tasks:train", root=hf_files, out=str(tmp_path / "resumed"), method="fr",
+                              resume=str(tmp_path / "fr" / "checkpoint-3"), **settings)  # fmt: skip
+    assert_close(resumed[0]["losses"], one["losses"])
+    assert_same_weights(resumed[1]["state"], one["state"])
+
+
+def test_the_wrapper_shows_trainer_what_it_inspects_on_the_model(hf_files):
+    model = load(str(Path(hf_files) / "gpt2"), "gpt2")
+    wrapper = ReplayModelWrapper(model, num_modules=2)
+    assert inspect.signature(wrapper.forward) == inspect.signature(model.forward)
+    assert "labels" in inspect.signature(type(wrapper).forward).parameters  # Trainer's find_labels reads the class
+    assert isinstance(wrapper, ReplayModelWrapper) and type(wrapper).__name__ == "ReplayModelWrapper[GPT2LMHeadModel]"
+    for name in ("config", "name_or_path", "main_input_name", "generation_config", "_keys_to_ignore_on_save"):
+        assert getattr(wrapper, name) is getattr(model, name), name
+    assert wrapper.can_generate() and wrapper.config.use_cache  # the config is left as it was
+    assert not hasattr(wrapper, "hf_device_map")  # every module on one device: no device map, as for the model
+    with pytest.raises(AttributeError, match="no_such_attribute"):
+        wrapper.no_such_attribute  # noqa: B018
+    trainer = transformers.Trainer(
+        model=wrapper,
+        args=transformers.TrainingArguments(output_dir=str(Path(hf_files) / "unused"), use_cpu=True, report_to="none",
+                                            activation_checkpointing=True),
+        train_dataset=[{"input_ids": torch.arange(8), "labels": torch.arange(8)}],
+        optimizers=(ReplayOptimizer(torch.optim.AdamW(wrapper.parameters()), wrapper), None),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="activation_checkpointing=True"):
+        trainer.train()
+
+
+def test_bf16_under_trainer_runs_the_modules_in_bf16(hf_files, tmp_path):
+    """``TrainingArguments(bf16=True)``: Accelerate's autocast reaches the captured modules' matrix products."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    products = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+    seen: set[torch.dtype] = set()
+
+    class Dtypes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in products and not isinstance(out, FakeTensor):  # (not the capture's tracing)
+                seen.add(out.dtype)
+            return out
+
+    with Dtypes():
+        run = trainer_tasks.train(hf_files, str(tmp_path), model="bert", method="fr", max_steps=2, save_model=False,
+                                  bf16=True)  # fmt: skip
+    assert seen == {torch.bfloat16} and all(torch.isfinite(torch.tensor(run["losses"])))
