@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import re
 import time
 import weakref
 from collections.abc import Hashable, Iterator
@@ -185,6 +186,15 @@ def _explain(model: nn.Module, call: Call, failures: dict[str, BaseException]) -
     for tracer, exc in failures.items():
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         lines.append(f"  {tracer}: {type(exc).__name__}: {first[:300]}")
+    returned = _returned_object(failures)
+    if returned is not None:
+        lines.append(
+            f"The model returns a {returned}, which is not a tensor and cannot cross a cut. "
+            + ("A cache: call the model with use_cache=False, or set model.config.use_cache = False before "
+               "wrapping. " if "Cache" in returned else "")
+            + "Return tensors (or None) instead, or register the type as a pytree node "
+            "(torch.utils._pytree.register_pytree_node) so that its tensors can be found."
+        )  # fmt: skip
     lines.append(
         "Fixes: pass split_points=[...] at the boundaries of submodules that contain the untraceable code, so they "
         "run whole inside one module (torch.fx calls units that contain no split point without tracing them); or "
@@ -192,6 +202,15 @@ def _explain(model: nn.Module, call: Call, failures: dict[str, BaseException]) -
         "torch.cond); or express the model as an nn.Sequential, which needs no capture. See docs/models.md."
     )
     return "\n".join(lines)
+
+
+def _returned_object(failures: dict[str, BaseException]) -> str | None:
+    """The class of a non-tensor object in the model's output, when that is what stopped the tracers."""
+    for exc in failures.values():
+        found = re.search(r"Found <class '([\w.]+)'> in output", str(exc))
+        if found:
+            return found.group(1).rsplit(".", 1)[-1]
+    return None
 
 
 @contextlib.contextmanager

@@ -82,7 +82,7 @@ def _tv(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
     return build
 
 
-_GPT2 = dict(n_layer=4, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32, use_cache=False)
+_GPT2 = dict(n_layer=4, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32)  # use_cache=True, as pretrained
 
 ZOO: dict[str, Entry] = {
     "bert": Entry(
@@ -99,13 +99,13 @@ ZOO: dict[str, Entry] = {
     "gpt2-untied": Entry(_hf("GPT2LMHeadModel", **_GPT2, tie_word_embeddings=False), _lm_batch, _causal_lm_loss),
     "llama": Entry(
         _hf("LlamaForCausalLM", num_hidden_layers=4, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
-            intermediate_size=64, vocab_size=VOCAB, use_cache=False),
+            intermediate_size=64, vocab_size=VOCAB),  # use_cache=True, the default of every pretrained Llama
         _lm_batch,
         _causal_lm_loss,
     ),
     "t5": Entry(
         _hf("T5ForConditionalGeneration", vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-            num_decoder_layers=2, num_heads=2, use_cache=False, decoder_start_token_id=0, pad_token_id=0),
+            num_decoder_layers=2, num_heads=2, decoder_start_token_id=0, pad_token_id=0),
         lambda n, seed: {"input_ids": _tokens(n, seed), "labels": _tokens(n, seed + 100, length=6)},
         _seq2seq_loss,
         unlabeled=lambda b: {"input_ids": b["input_ids"], "decoder_input_ids": _shift_right(b["labels"])},
