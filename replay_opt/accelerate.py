@@ -36,10 +36,13 @@ scheduler from ``prepare``              steps once per optimizer step and replic
 from __future__ import annotations
 
 import functools
+import logging
+import sys
 from typing import Any
 
 import torch
 
+logger = logging.getLogger(__name__)
 _INSTALLED = False
 
 
@@ -124,7 +127,12 @@ def install() -> None:
     @property  # type: ignore[misc]
     def pipeline_num_processes(self: Any) -> int:
         pipeline = _active()
-        return num_processes.fget(self) if pipeline is None else pipeline.layout.replicas
+        if pipeline is not None:
+            return pipeline.layout.replicas
+        value = num_processes.fget(self)
+        if value > 1 and not sys._getframe(1).f_globals.get("__name__", "").startswith("accelerate"):
+            _READ_BEFORE_PIPELINE.append(value)  # the script's own read, before any wrapper: see warn_if_read_early
+        return value
 
     Accelerator.num_processes = pipeline_num_processes
 
@@ -144,6 +152,23 @@ def install() -> None:
         return original(self)
 
     _patch(Accelerator, "end_training", end_training)
+
+
+_READ_BEFORE_PIPELINE: list[int] = []
+
+
+def warn_if_read_early(replicas: int) -> None:
+    """Called when a pipeline starts: a script that read ``accelerator.num_processes`` before (to scale a
+    learning-rate schedule, say) got every process, not the D data-parallel replicas it means now."""
+    if _READ_BEFORE_PIPELINE and _READ_BEFORE_PIPELINE[-1] != replicas:
+        logger.warning(
+            "accelerator.num_processes was read as %d before the ReplayModelWrapper was built; with one process "
+            "per module it is the number of data-parallel replicas, %d, and the LR scheduler steps %d time(s) per "
+            "optimizer step. Anything computed from the earlier value (warm-up or decay lengths) is off by a factor "
+            "of %d: build the wrapper right after the model, before reading accelerator.num_processes.",
+            _READ_BEFORE_PIPELINE[-1], replicas, replicas, _READ_BEFORE_PIPELINE[-1] // replicas,
+        )  # fmt: skip
+    _READ_BEFORE_PIPELINE.clear()
 
 
 def _active() -> Any:

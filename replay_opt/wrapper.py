@@ -169,9 +169,11 @@ class ReplayModelWrapper(nn.Module):
 
             install_trainer()  # Trainer saves from the main process only; the other modules' ranks join in
         self._partition.on_new_program = self._place
-        from .accelerate import install
+        from .accelerate import install, warn_if_read_early
 
         install()  # unwrap_model gives the wrapped model; with a pipeline, Accelerate's idioms act on it
+        if layout is not None:
+            warn_if_read_early(layout.replicas)
         for program in self._partition.programs():
             self._place(program)
         self.track_memory = track_memory

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SLOW_DOCS = {"trainer.md"}  # python blocks that train a transformers model through Trainer: in the slow set
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
 
 
@@ -36,7 +37,8 @@ def blocks(language: str) -> list:
         for m in FENCE.finditer(text):
             if m.group(1) == language:
                 line = text[: m.start()].count("\n") + 1
-                found.append(pytest.param(m.group(2), id=f"{doc.relative_to(ROOT)}:{line}"))
+                marks = [pytest.mark.slow] if doc.name in SLOW_DOCS and language == "python" else []
+                found.append(pytest.param(m.group(2), id=f"{doc.relative_to(ROOT)}:{line}", marks=marks))
     return found
 
 
