@@ -18,7 +18,19 @@ from that literature, opt-in through ``ReplayOptimizer(..., compensation=...)``:
   2021): module k's learning rate is scaled by (1 + D_k)^-(1 - t/T) during the first T steps
   (``"warmup:T"``, default T = 1000), so the most delayed modules start slowest.
 
-They combine: ``compensation="spike+warmup"``.  The last module (D = 0), K = 1 and
+Two more work with any ``torch.optim`` optimizer (AdamW, Adafactor-style, ...), because they read
+what the optimizer does rather than how it does it:
+
+* ``"predict"`` -- weight prediction from the optimizer's own last update, as SpecTrain (Chen et
+  al., 2018) and XPipe (Guan et al., 2019) do for Adam: with u = w_t - w_{t-1}, the update the
+  inner ``step()`` actually applied, module k's forward passes (play and replay) and their
+  backward run at w + D_k u, and the gradient is applied to w itself.  u is kept per parameter in
+  the inner optimizer's state (``"replay_update"``), so it travels in its state dict.
+* ``"momentum"`` -- a delay of D steps acts like extra momentum ("asynchrony begets momentum",
+  Mitliagkas et al., 2016): module k steps with its momentum coefficient raised to the power
+  1 + D_k (``betas[0]`` of Adam-style optimizers, ``momentum`` of SGD), 0.9 -> 0.81 at D = 1.
+
+They combine: ``compensation="spike+warmup"``, ``"predict+momentum"``.  The last module (D = 0), K = 1 and
 ``method="bp"`` are untouched, bit for bit.  The step count ``t`` travels in checkpoints.
 """
 
@@ -30,7 +42,8 @@ from typing import Any
 
 import torch
 
-REMEDIES = ("spike", "lwp", "warmup")
+REMEDIES = ("spike", "lwp", "warmup", "predict", "momentum")
+UPDATE = "replay_update"  # the inner optimizer's per-parameter state entry that "predict" keeps
 
 
 def parse(spec: str | Sequence[str] | None) -> tuple[set[str], int]:
@@ -60,7 +73,7 @@ class Compensation:
         self.optimizer = optimizer
         self.delays = delays  # id(parameter) -> D of the module it belongs to (the smallest, if shared)
         self.steps = 0
-        self._predicted: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # LWP: (parameter, its own weights)
+        self._predicted: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # (parameter, its own weights)
         if self.remedies & {"spike", "lwp"}:
             for group in optimizer.param_groups:
                 if not isinstance(optimizer, torch.optim.SGD) or group.get("momentum", 0) <= 0:
@@ -70,6 +83,13 @@ class Compensation:
                     )
                 if group.get("nesterov") or group.get("dampening", 0) != 0:
                     raise ValueError(f"compensation={spec!r} needs SGD without nesterov and dampening")
+        if "momentum" in self.remedies:
+            for group in optimizer.param_groups:
+                if not _momentum_key(group):
+                    raise ValueError(
+                        f"compensation={spec!r}: {type(optimizer).__name__} has no momentum coefficient to adjust "
+                        "(no betas, no momentum > 0 in its parameter groups); use compensation='predict'"
+                    )
 
     @property
     def active(self) -> bool:
@@ -78,17 +98,21 @@ class Compensation:
     # ----------------------------------------------------------------------- linear weight prediction
 
     def predict(self) -> None:
-        """Before a training forward: put each delayed module's predicted weights in place (LWP)."""
-        if "lwp" not in self.remedies or self._predicted:
+        """Before a training forward: put each delayed module's predicted weights in place (LWP, predict)."""
+        if not (self.remedies & {"lwp", "predict"}) or self._predicted:
             return
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 delay = self.delays.get(id(p), 0)
-                buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
-                if delay and buf is not None:
+                state = self.optimizer.state.get(p, {})
+                if "lwp" in self.remedies:
+                    direction, scale = state.get("momentum_buffer"), -group["lr"] * delay
+                else:
+                    direction, scale = state.get(UPDATE), float(delay)
+                if delay and direction is not None:
                     own = p.detach().clone()
                     with torch.no_grad():
-                        p.sub_(buf, alpha=group["lr"] * delay)
+                        p.add_(direction, alpha=scale)
                     self._predicted.append((p, own))
 
     def restore(self) -> None:
@@ -101,9 +125,22 @@ class Compensation:
     # ----------------------------------------------------------------------- the step
 
     def step(self, inner_step: Callable[[], Any]) -> None:
-        """The inner optimizer's step with spike compensation and the warm-up, per module delay."""
+        """The inner optimizer's step with spike compensation, the warm-up and the momentum correction, per module
+        delay; with "predict", the update each delayed parameter received is kept for the next prediction."""
         self.restore()
-        if not self.active or not (self.remedies & {"spike", "warmup"}):
+        before = self._delayed_weights() if self.active and "predict" in self.remedies else {}
+        self._step(inner_step)
+        with torch.no_grad():
+            for p, own in before.values():
+                if p in self.optimizer.state:  # (stepped: the optimizer holds its state)
+                    self.optimizer.state[p][UPDATE] = p.detach() - own
+
+    def _delayed_weights(self) -> dict[int, tuple[torch.nn.Parameter, torch.Tensor]]:
+        return {id(p): (p, p.detach().clone()) for group in self.optimizer.param_groups for p in group["params"]
+                if p.grad is not None and self.delays.get(id(p), 0) > 0}  # fmt: skip
+
+    def _step(self, inner_step: Callable[[], Any]) -> None:
+        if not self.active or not (self.remedies & {"spike", "warmup", "momentum"}):
             inner_step()
             self.steps += 1
             return
@@ -113,7 +150,7 @@ class Compensation:
                 if p.grad is not None:
                     by_delay.setdefault(self.delays.get(id(p), 0), []).append(p)
         for delay, params in sorted(by_delay.items()):
-            with self._only(params), self._scaled_lr(self._warmup_factor(delay)) as lrs:
+            with self._only(params), self._scaled_lr(self._warmup_factor(delay)) as lrs, self._momentum(delay):
                 spike = "spike" in self.remedies and delay > 0
                 before = self._update_directions(params) if spike else None
                 inner_step()
@@ -153,6 +190,21 @@ class Compensation:
             for group, lr in zip(self.optimizer.param_groups, saved):
                 group["lr"] = lr
 
+    @contextlib.contextmanager
+    def _momentum(self, delay: int) -> Iterator[None]:
+        """The groups' momentum coefficients raised to the power 1 + delay for the body ("momentum")."""
+        if "momentum" not in self.remedies or delay == 0:
+            yield
+            return
+        saved = [(group, key, group[key]) for group in self.optimizer.param_groups if (key := _momentum_key(group))]
+        for group, key, value in saved:
+            group[key] = (value[0] ** (1 + delay), *value[1:]) if key == "betas" else value ** (1 + delay)
+        try:
+            yield
+        finally:
+            for group, key, value in saved:
+                group[key] = value
+
     def _update_directions(self, params: list[torch.nn.Parameter]) -> dict[int, torch.Tensor]:
         """d = g + weight_decay * w for each parameter, as SGD forms it (before the step changes w)."""
         decay = {
@@ -171,7 +223,7 @@ class Compensation:
                 # SGD did w -= lr v; spike compensation wants w -= lr (a v + b d).
                 p.add_(buf, alpha=-lrs[id(p)] * (a - 1)).add_(directions[id(p)], alpha=-lrs[id(p)] * b)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:  # ("predict" keeps its updates in the inner optimizer's state)
         return {"remedies": sorted(self.remedies), "warmup_steps": self.warmup_steps, "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -181,3 +233,10 @@ class Compensation:
                 f"{sorted(self.remedies)}: pass the same compensation= to resume"
             )
         self.steps = int(state["steps"])
+
+
+def _momentum_key(group: dict[str, Any]) -> str | None:
+    """Which entry of a parameter group holds its momentum coefficient: ``betas`` (Adam-style) or ``momentum``."""
+    if isinstance(group.get("betas"), (tuple, list)) and group["betas"] and group["betas"][0]:
+        return "betas"
+    return "momentum" if group.get("momentum", 0) else None

@@ -118,6 +118,104 @@ def test_linear_weight_prediction_matches_the_hand_written_forward():
     assert max_param_diff(model, reference) <= 1e-5
 
 
+class Recorded:
+    """A module's own AdamW (as the library steps it), remembering the update each step applied: u = w_t - w_{t-1}."""
+
+    def __init__(self, params, delay: int) -> None:
+        self.params, self.delay = list(params), delay
+        self.inner = torch.optim.AdamW(self.params, lr=1e-2, weight_decay=0.1)
+        self.u: dict[int, torch.Tensor] = {}
+
+    def step(self) -> None:
+        before = [p.detach().clone() for p in self.params]
+        self.inner.step()
+        for p, w in zip(self.params, before):
+            self.u[id(p)] = p.detach() - w
+
+    def zero_grad(self) -> None:
+        self.inner.zero_grad()
+
+
+class Extrapolated(nn.Module):
+    """A module run at w + D u: its weights extrapolated D steps along its optimizer's last update."""
+
+    def __init__(self, module: nn.Module, opt: Recorded) -> None:
+        super().__init__()
+        self.module, self.opt = module, opt
+
+    def forward(self, x):
+        weights = {n: p + self.opt.delay * self.opt.u[id(p)] if id(p) in self.opt.u else p
+                   for n, p in self.module.named_parameters()}  # fmt: skip
+        return functional_call(self.module, weights, (x,))
+
+
+def adamw(params):
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_weight_prediction_from_the_last_update_matches_the_hand_written_forward(k):
+    """``compensation="predict"`` with AdamW: every delayed module plays, replays and back-propagates at w + D u;
+    the last module (D = 0) runs at its own weights."""
+    model = mlp(depth=6)
+    reference = copy.deepcopy(model)
+    data = batches(8)
+    stages = sequential_stages(reference, SPLIT[k])
+    opts = [Recorded(s.parameters(), k - 1 - i) for i, s in enumerate(stages)]
+    it = iter(opts)
+    naive_features_replay([Extrapolated(s, o) for s, o in zip(stages, opts)], data, lambda _: next(it))
+    wrapper = run_library(model, data, adamw, compensation="predict", split_points=[str(i) for i in SPLIT[k]])
+    assert max_param_diff(model, reference) <= 1e-5
+    plain = copy.deepcopy(mlp(depth=6))
+    run_library(plain, data, adamw, split_points=[str(i) for i in SPLIT[k]])
+    assert max_param_diff(model, plain) > 1e-4  # (the prediction changed the training)
+    last = {id(p) for p in wrapper.stages[-1].parameters()}
+    state = wrapper._optimizer.optimizer.state
+    assert all(("replay_update" in state[p]) == (id(p) not in last) for p in model.parameters())
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_momentum_correction_matches_per_module_betas(k):
+    """``compensation="momentum"``: module k steps as AdamW with beta1 ** (1 + D_k), the last module as plain AdamW."""
+    model = mlp(depth=6)
+    reference = copy.deepcopy(model)
+    data = batches(8)
+    stages = sequential_stages(reference, SPLIT[k])
+    betas = iter([(0.9 ** (1 + k - 1 - i), 0.999) for i in range(k)])
+    naive_features_replay(stages, data, lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, betas=next(betas)))
+    wrapper = run_library(model, data, adamw, compensation="momentum", split_points=[str(i) for i in SPLIT[k]])
+    assert max_param_diff(model, reference) <= 1e-5
+    assert wrapper._optimizer.param_groups[0]["betas"] == (0.9, 0.999)  # restored after every step
+
+
+def test_prediction_resumes_from_a_checkpoint_exactly():
+    data = batches(8)
+
+    def build(model):
+        wrapper = ReplayModelWrapper(model, split_points=["4", "8"])
+        return wrapper, ReplayOptimizer(adamw(wrapper.parameters()), wrapper, compensation="predict+momentum")
+
+    def train(wrapper, opt, part):
+        for x, y in part:
+            F.cross_entropy(wrapper(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+    torch.manual_seed(0)
+    straight = mlp(depth=6)
+    first = copy.deepcopy(straight)
+    train(*build(straight), data)
+    wrapper, opt = build(first)
+    train(wrapper, opt, data[:4])
+    state = copy.deepcopy((wrapper.state_dict(), opt.state_dict()))
+    resumed = mlp(depth=6)
+    wrapper, opt = build(resumed)
+    wrapper.load_state_dict(state[0])
+    opt.load_state_dict(state[1])
+    train(wrapper, opt, data[4:])
+    assert max_param_diff(straight, resumed) == 0.0
+
+
 @pytest.mark.parametrize(("k", "method"), [(1, "fr"), (3, "bp")])
 def test_k1_and_bp_are_unchanged_bit_for_bit(k, method):
     model = mlp(depth=6)
@@ -127,6 +225,12 @@ def test_k1_and_bp_are_unchanged_bit_for_bit(k, method):
     run_library(plain, data, sgd, **split)
     run_library(model, data, sgd, compensation="spike+lwp+warmup:3", **split)
     assert max_param_diff(model, plain) == 0.0
+    model = mlp(depth=6)
+    plain = copy.deepcopy(model)
+    run_library(plain, data, adamw, **split)
+    run_library(model, data, adamw, compensation="predict+momentum", **split)
+    assert max_param_diff(model, plain) == 0.0
+
 
 
 def test_checkpoints_carry_the_warmup_clock():
@@ -164,3 +268,7 @@ def test_bad_compensation_names_the_fix():
     with pytest.raises(ValueError, match="defined for SGD with momentum.*compensation='warmup'"):
         ReplayOptimizer(torch.optim.AdamW(wrapper.parameters()), wrapper, compensation="spike")
     ReplayOptimizer(torch.optim.AdamW(wrapper.parameters()), wrapper, compensation="warmup:100")
+    wrapper = ReplayModelWrapper(mlp(depth=6), split_points=["4"])
+    with pytest.raises(ValueError, match="no momentum coefficient.*compensation='predict'"):
+        ReplayOptimizer(torch.optim.SGD(wrapper.parameters(), lr=0.1), wrapper, compensation="momentum")
+    ReplayOptimizer(torch.optim.Adagrad(wrapper.parameters()), wrapper, compensation="predict")  # any optimizer

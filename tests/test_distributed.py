@@ -173,7 +173,7 @@ def test_checkpoint_and_resume_across_processes(clusters, tmp_path):
 @pytest.mark.slow
 def test_a_killed_rank_stops_the_others_with_a_clear_error(tmp_path):
     start = time.monotonic()
-    results = launch(3, "--modules", "3", "--steps", "50", "--die-rank", "1", "--die-at", "3", "--timeout", "15",
+    results = launch(3, "--modules", "3", "--steps", "50", "--die-rank", "1", "--die-at", "3", "--timeout", "8",
                      "--out", str(tmp_path), timeout=120)  # fmt: skip
     elapsed = time.monotonic() - start
     assert results[1].returncode == -9
