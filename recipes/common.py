@@ -30,7 +30,9 @@ def add_method_arguments(p: argparse.ArgumentParser, methods: tuple[str, ...]) -
     g.add_argument(
         "--compensation",
         default=None,
-        help="staleness compensation for fr/ddg: spike, lwp, warmup[:T], combined with + (e.g. spike+warmup:500)",
+        type=lambda v: None if v == "none" else v,
+        help="staleness compensation for fr/ddg: spike, lwp, warmup[:T], predict, momentum, combined with + "
+        "(e.g. spike+warmup:500); none turns it off",
     )
     return g
 
