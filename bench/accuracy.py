@@ -17,9 +17,7 @@ table as markdown, and a PNG of the test error against the learning rate (``--ou
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import multiprocessing
 import statistics
 import time
 from collections.abc import Sequence
@@ -27,6 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from bench.runlog import run_logged
 
 METHODS = ("bp", "fr", "ddg", "dni", "dgl")
 STALE = ("fr", "ddg")  # the methods whose gradients are stale, and so the ones compensation applies to
@@ -100,24 +100,10 @@ def run_all(args: argparse.Namespace) -> list[dict]:
                 "milestones": args.milestones, "val_fraction": args.val_fraction}  # fmt: skip
     specs = [{**schedule, "method": m, "K": k, "compensation": c, "lr": lr, "seed": seed}
              for seed in args.seeds for m, k, c in variants(args) for lr in args.lrs]  # fmt: skip
-    # Every finished run is appended to <out>.runs.jsonl at once, and runs found there are not run again:
-    # an interrupted protocol resumes where it stopped.
-    log = args.out.with_suffix(".runs.jsonl")
-    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    done = {_key(r) for r in runs}
-    todo = [s for s in specs if _key(s) not in done]
-    wanted = {_key(s) for s in specs}
-    runs = [r for r in runs if _key(r) in wanted]
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
-        for n, r in enumerate(pool.map(train, todo), len(runs) + 1):
-            runs.append(r)
-            with log.open("a") as f:
-                f.write(json.dumps(r) + "\n")
-            print(f"[{n}/{len(specs)}] {r['method']} K={r['K']} {r['compensation']} lr={r['lr']} seed={r['seed']}: "
-                  f"val {r['final_val_error']:.2f}% test {r['final_test_error']:.2f}% ({r['seconds']:.0f} s)",
-                  flush=True)  # fmt: skip
-    return runs
+    # Every finished run is appended to <out>.runs.jsonl at once: an interrupted protocol resumes where it stopped.
+    return run_logged(specs, train, args.out.with_suffix(".runs.jsonl"), args.jobs, _key, lambda r: (
+        f"{r['method']} K={r['K']} {r['compensation']} lr={r['lr']} seed={r['seed']}: val {r['final_val_error']:.2f}% "
+        f"test {r['final_test_error']:.2f}% ({r['seconds']:.0f} s)"))  # fmt: skip
 
 
 def _key(run: dict) -> tuple:

@@ -17,10 +17,8 @@ table (markdown), every run (JSON) and the curves of the chosen runs (validation
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import math
-import multiprocessing
 import statistics
 import tempfile
 import time
@@ -28,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.accuracy import mean_std
+from bench.runlog import run_logged
 
 SCHEDULE = ("model", "steps", "warmup", "eval_every", "batch_size", "block_size")
 
@@ -65,21 +64,9 @@ def run_all(args: argparse.Namespace) -> list[dict]:
     schedule = {n: getattr(args, n) for n in SCHEDULE}
     specs = [{**schedule, "method": m, "K": k, "compensation": c, "lr": lr, "seed": seed}
              for seed in args.seeds for m, k, c in variants(args) for lr in args.lrs]  # fmt: skip
-    log = args.out.with_suffix(".runs.jsonl")
-    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    wanted = {_key(s) for s in specs}
-    runs = [r for r in runs if _key(r) in wanted]
-    done = {_key(r) for r in runs}
-    todo = [s for s in specs if _key(s) not in done]
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
-        for n, r in enumerate(pool.map(train, todo), len(runs) + 1):
-            runs.append(r)
-            with log.open("a") as f:
-                f.write(json.dumps(r) + "\n")
-            print(f"[{n}/{len(specs)}] {r['method']} K={r['K']} {r['compensation']} lr={r['lr']} seed={r['seed']}: "
-                  f"val perplexity {r['final_val_perplexity']:.2f} ({r['seconds']:.0f} s)", flush=True)  # fmt: skip
-    return runs
+    return run_logged(specs, train, args.out.with_suffix(".runs.jsonl"), args.jobs, _key, lambda r: (
+        f"{r['method']} K={r['K']} {r['compensation']} lr={r['lr']} seed={r['seed']}: "
+        f"val perplexity {r['final_val_perplexity']:.2f} ({r['seconds']:.0f} s)"))  # fmt: skip
 
 
 def choose(runs: list[dict]) -> dict[tuple[str, int, str], tuple[float, list[dict], dict[float, list[dict]]]]:
