@@ -286,6 +286,18 @@ class ReplayModelWrapper(nn.Module):
 
     gradient_checkpointing_enable = activation_checkpointing_enable
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's own ``generate``, in one process; with one process per module this rank holds one module's
+        current weights only, so generation is refused rather than run on stale ones."""
+        if self._pipeline is not None:
+            raise RuntimeError(
+                "generate() needs the whole model in one process, but this rank trains one module of a pipeline. "
+                "Save the model (trainer.save_model() / unwrap_model(model).save_pretrained(dir), on every rank) and "
+                "generate from AutoModel*.from_pretrained(dir) in one process; for evaluation use the loss "
+                "(predict_with_generate=False)"
+            )
+        return self.module.generate(*args, **kwargs)
+
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
         """The model's own state dict (its keys, no ``module.`` prefix); collective with one process per module."""
         return self.module.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)

@@ -163,6 +163,8 @@ def test_one_process_per_module_equals_one_process(cpu_cluster, runs, hf_files, 
                               method="fr", resume=checkpoint, **SETTINGS["gpt2"])  # fmt: skip
     assert_close(resumed[0]["losses"], one["losses"])
     assert_same_weights(resumed[1]["state"], one["state"])
+    for message in cpu_cluster.run("trainer_tasks:generate_in_a_pipeline", root=hf_files):
+        assert "generate() needs the whole model in one process" in message and "from_pretrained" in message
 
 
 def test_the_wrapper_shows_trainer_what_it_inspects_on_the_model(tmp_path):
@@ -176,6 +178,9 @@ def test_the_wrapper_shows_trainer_what_it_inspects_on_the_model(tmp_path):
         assert getattr(wrapper, name) is getattr(model, name), name
     assert wrapper.can_generate() and wrapper.config.use_cache  # the config is left as it was
     assert not hasattr(wrapper, "hf_device_map")  # every module on one device: no device map, as for the model
+    prompt = torch.tensor([[1, 2, 3]])
+    assert torch.equal(wrapper.generate(prompt, max_new_tokens=3, do_sample=False),
+                       model.generate(prompt, max_new_tokens=3, do_sample=False))  # fmt: skip
     with pytest.raises(AttributeError, match="no_such_attribute"):
         wrapper.no_such_attribute  # noqa: B018
     trainer = transformers.Trainer(

@@ -133,7 +133,7 @@ def two_lines(net: Any, optimizer: Any, method: str | None, modules: int) -> tup
     from replay_opt import ReplayModelWrapper, ReplayOptimizer
 
     net = ReplayModelWrapper(net, num_modules=modules, method=method)
-    return net, ReplayOptimizer(optimizer, net)
+    return net, None if optimizer is None else ReplayOptimizer(optimizer, net)
 
 
 def train(
@@ -297,3 +297,17 @@ def train_no_trainer(
         "metrics": metrics,
         "state": {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()},
     }
+
+
+def generate_in_a_pipeline(root: str) -> str:
+    """``generate`` on a wrapper running one process per module: the error it raises (on every rank)."""
+    from transformers import AutoModelForCausalLM
+
+    fresh_accelerate()
+    net, _ = two_lines(AutoModelForCausalLM.from_pretrained(str(Path(root) / "gpt2")), None, "fr", 2)
+    try:
+        net.generate(torch.zeros(1, 4, dtype=torch.long), max_new_tokens=2)
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
