@@ -140,6 +140,7 @@ def test_an_unreachable_model_fails_fast_naming_the_fix(tmp_path, capsys, monkey
     assert "gpt2-tiny" in capsys.readouterr().err  # names the models that need no download
 
 
+@pytest.mark.slow  # (11 s; the fast subset keeps the engine's exact resume: tests/test_optimizer.py)
 def test_resume_continues_exactly(tmp_path, local_text):
     common = [*TINY, "--modules", "2", "--steps", "10", "--eval-every", "5", "--dataset", str(local_text / "saved"),
               "--block-size", "16"]  # fmt: skip
