@@ -192,6 +192,15 @@ def test_the_wrapper_shows_trainer_what_it_inspects_on_the_model(tmp_path):
     )  # fmt: skip
     with pytest.raises(ValueError, match="activation_checkpointing=True"):
         trainer.train()
+    # Modules spread over two devices of this process (two CPU "devices" here): a device map, which makes Trainer
+    # treat the model as model-parallel -- no move to one device, no DataParallel.
+    spread = ReplayModelWrapper(transformers.GPT2LMHeadModel(config), num_modules=2, devices=["cpu:0", "cpu:1"])
+    assert list(spread.hf_device_map.values()) == ["cpu:0", "cpu:1"]  # one entry per module (its first unit)
+    trainer = transformers.Trainer(
+        model=spread, args=transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
+        optimizers=(ReplayOptimizer(torch.optim.AdamW(spread.parameters()), spread), None),
+    )  # fmt: skip
+    assert trainer.is_model_parallel and not trainer.place_model_on_device
 
 
 # --------------------------------------------------------------------------- the Accelerate-loop scripts
