@@ -43,14 +43,11 @@ from typing import Any
 import torch
 
 logger = logging.getLogger(__name__)
-_INSTALLED = False
 
 
+@functools.cache
 def install() -> None:
     """Patch Accelerate once (idempotent); every patch defers to Accelerate unless a pipeline runs."""
-    global _INSTALLED
-    if _INSTALLED:
-        return
     try:
         import accelerate.accelerator as accelerator_module
         from accelerate import Accelerator
@@ -58,7 +55,6 @@ def install() -> None:
         from accelerate.state import PartialState
     except ImportError:  # pragma: no cover - accelerate is a dependency
         return
-    _INSTALLED = True
 
     prepare_data_loader = accelerator_module.prepare_data_loader
 
@@ -131,7 +127,7 @@ def install() -> None:
             return pipeline.layout.replicas
         value = num_processes.fget(self)
         if value > 1 and not sys._getframe(1).f_globals.get("__name__", "").startswith("accelerate"):
-            _READ_BEFORE_PIPELINE.append(value)  # the script's own read, before any wrapper: see warn_if_read_early
+            _read_before_pipeline[0] = value  # the script's own read, before any wrapper: see warn_if_read_early
         return value
 
     Accelerator.num_processes = pipeline_num_processes
@@ -154,21 +150,22 @@ def install() -> None:
     _patch(Accelerator, "end_training", end_training)
 
 
-_READ_BEFORE_PIPELINE: list[int] = []
+_read_before_pipeline: list[int | None] = [None]  # the last value a script read while no pipeline ran
 
 
 def warn_if_read_early(replicas: int) -> None:
     """Called when a pipeline starts: a script that read ``accelerator.num_processes`` before (to scale a
     learning-rate schedule, say) got every process, not the D data-parallel replicas it means now."""
-    if _READ_BEFORE_PIPELINE and _READ_BEFORE_PIPELINE[-1] != replicas:
+    read = _read_before_pipeline[0]
+    if read is not None and read != replicas:
         logger.warning(
             "accelerator.num_processes was read as %d before the ReplayModelWrapper was built; with one process "
             "per module it is the number of data-parallel replicas, %d, and the LR scheduler steps %d time(s) per "
             "optimizer step. Anything computed from the earlier value (warm-up or decay lengths) is off by a factor "
             "of %d: build the wrapper right after the model, before reading accelerator.num_processes.",
-            _READ_BEFORE_PIPELINE[-1], replicas, replicas, _READ_BEFORE_PIPELINE[-1] // replicas,
+            read, replicas, replicas, read // replicas,
         )  # fmt: skip
-    _READ_BEFORE_PIPELINE.clear()
+    _read_before_pipeline[0] = None
 
 
 def _active() -> Any:

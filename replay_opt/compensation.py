@@ -128,16 +128,17 @@ class Compensation:
         """The inner optimizer's step with spike compensation, the warm-up and the momentum correction, per module
         delay; with "predict", the update each delayed parameter received is kept for the next prediction."""
         self.restore()
-        before = self._delayed_weights() if self.active and "predict" in self.remedies else {}
+        before = self._delayed_weights() if self.active and "predict" in self.remedies else []
         self._step(inner_step)
         with torch.no_grad():
-            for p, own in before.values():
+            for p, own in before:
                 if p in self.optimizer.state:  # (stepped: the optimizer holds its state)
                     self.optimizer.state[p][UPDATE] = p.detach() - own
 
-    def _delayed_weights(self) -> dict[int, tuple[torch.nn.Parameter, torch.Tensor]]:
-        return {id(p): (p, p.detach().clone()) for group in self.optimizer.param_groups for p in group["params"]
-                if p.grad is not None and self.delays.get(id(p), 0) > 0}  # fmt: skip
+    def _delayed_weights(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """(parameter, a copy of its weights) for each delayed parameter about to be stepped."""
+        return [(p, p.detach().clone()) for group in self.optimizer.param_groups for p in group["params"]
+                if p.grad is not None and self.delays.get(id(p), 0) > 0]  # fmt: skip
 
     def _step(self, inner_step: Callable[[], Any]) -> None:
         if not self.active or not (self.remedies & {"spike", "warmup", "momentum"}):

@@ -147,6 +147,8 @@ class Partition:
         self._fixed: Program | None = None  # the one program of a Sequential / K=1
         self._example = example_inputs
         self._warned_cache = False
+        names = list(self.signature.parameters) if self.signature is not None else []
+        self._use_cache_at = names.index("use_cache") if "use_cache" in names else None  # its position in forward
         if split_points is not None:
             check_names(model, split_points)
         elif num_modules > len(self.units):
@@ -215,11 +217,8 @@ class Partition:
     def without_cache(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """``kwargs`` with ``use_cache=False`` where ``forward`` takes ``use_cache`` (transformers models): a cache
         is not a tensor that can cross a cut, and training or evaluating through the cut never reads it."""
-        if self.signature is None or "use_cache" not in self.signature.parameters:
-            return kwargs
-        names = list(self.signature.parameters)
-        if names.index("use_cache") < len(args) or kwargs.get("use_cache") is False:
-            return kwargs  # given positionally, or already off
+        if self._use_cache_at is None or self._use_cache_at < len(args) or kwargs.get("use_cache") is False:
+            return kwargs  # not an argument, given positionally, or already off
         if kwargs.get("use_cache") and not self._warned_cache:
             logger.warning(
                 "use_cache=True ignored: a ReplayModelWrapper runs the model through its cut without a cache"

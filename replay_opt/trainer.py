@@ -19,20 +19,17 @@ from typing import Any
 
 import torch
 
-_INSTALLED = False
+from .pipeline import active_pipeline
 
 
+@functools.cache
 def install() -> None:
     """Patch ``transformers.Trainer`` once (idempotent); every patch defers to Trainer unless a pipeline runs."""
-    global _INSTALLED
-    if _INSTALLED:
-        return
     try:
         import transformers.trainer_pt_utils as pt_utils
         from transformers import Trainer
     except ImportError:  # pragma: no cover - only called when transformers is imported
         return
-    _INSTALLED = True
 
     save = Trainer._save
 
@@ -59,8 +56,6 @@ def install() -> None:
 
     @functools.wraps(concat)
     def distributed_concat(tensor: Any, num_total_examples: int | None = None) -> Any:
-        from .pipeline import active_pipeline
-
         pipeline = active_pipeline()
         if pipeline is None:
             return concat(tensor, num_total_examples)
@@ -74,6 +69,4 @@ def install() -> None:
 
 def _gathering(trainer: Any) -> bool:
     """Whether this rank must hand its part to the main process's save (a pipeline runs; it does not write)."""
-    from .pipeline import active_pipeline
-
     return active_pipeline() is not None and not trainer.args.should_save
