@@ -55,10 +55,10 @@ def prepare(root: str) -> None:
     vocab = len(tokenizer)
     torch.manual_seed(0)
     gpt2 = tf.GPT2Config(
-        n_layer=4, n_embd=32, n_head=2, vocab_size=vocab, n_positions=64, bos_token_id=0, eos_token_id=0
+        n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=64, bos_token_id=0, eos_token_id=0
     )  # tied embeddings; use_cache=True
     llama = tf.LlamaConfig(
-        num_hidden_layers=4,
+        num_hidden_layers=2,
         hidden_size=32,
         num_attention_heads=2,
         num_key_value_heads=1,
@@ -69,7 +69,7 @@ def prepare(root: str) -> None:
         eos_token_id=0,
         pad_token_id=1,
     )  # rotary embeddings; use_cache=True
-    bert = tf.BertConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+    bert = tf.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
                          vocab_size=vocab, num_labels=3, max_position_embeddings=64, pad_token_id=1)  # fmt: skip
     configs = {
         "gpt2": (tf.GPT2LMHeadModel, gpt2),
