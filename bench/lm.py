@@ -87,7 +87,7 @@ def predicted_step_seconds(args: argparse.Namespace) -> dict[int, float]:
 
     from recipes.causal_lm import build
     from replay_opt import ReplayModelWrapper
-    from replay_opt.balance import profile
+    from replay_opt.cut.balance import profile
     from replay_opt.plan import simulate
 
     torch.manual_seed(0)

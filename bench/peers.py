@@ -293,9 +293,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         worker(args)
         return
     from recipes.models import build_model
-    from replay_opt.balance import profile
+    from replay_opt.cut.balance import profile
+    from replay_opt.cut.units import balanced_starts
     from replay_opt.plan import Link, best_fr_cut
-    from replay_opt.units import balanced_starts
 
     k = args.modules
     torch.set_num_threads(1)

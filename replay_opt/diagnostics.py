@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .batchnorm import frozen_running_stats
-from .history import detached, to_device
+from .methods.batchnorm import frozen_running_stats
+from .methods.history import detached, to_device
 
 if TYPE_CHECKING:
     from .wrapper import ReplayModelWrapper

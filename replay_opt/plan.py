@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
-from .balance import UnitProfile, profile
-from .units import min_max_cut
+from .cut.balance import UnitProfile, profile
+from .cut.units import min_max_cut
 
 
 @dataclass

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-from .distributed import Layout, local_device, pipeline_layout
-from .history import to_device
+from .cut.partition import Balance, Partition, Program, Stage
 from .methods import make_method
 from .methods.bp import Backprop, GPipe
-from .partition import Balance, Partition, Program, Stage
-from .pipeline import FreshStateDict, Pipeline
+from .methods.history import to_device
+from .multiprocess.distributed import Layout, local_device, pipeline_layout
+from .multiprocess.pipeline import FreshStateDict, Pipeline
 from .precision import check_grad_scaler, pipeline_autocast, to_fp32
 
 logger = logging.getLogger(__name__)
@@ -165,11 +165,11 @@ class ReplayModelWrapper(nn.Module):
             if layout.rank == 0:
                 print(layout.describe(), flush=True)
         if layout is not None and "transformers" in sys.modules:
-            from .trainer import install as install_trainer
+            from .integrations.trainer import install as install_trainer
 
             install_trainer()  # Trainer saves from the main process only; the other modules' ranks join in
         self._partition.on_new_program = self._place
-        from .accelerate import install, warn_if_read_early
+        from .integrations.accelerate import install, warn_if_read_early
 
         install()  # unwrap_model gives the wrapped model; with a pipeline, Accelerate's idioms act on it
         if layout is not None:

@@ -18,7 +18,7 @@ def reset() -> None:
     """What one training run leaves behind that the next must not see."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from replay_opt.pipeline import _PIPELINES
+    from replay_opt.multiprocess.pipeline import _PIPELINES
 
     for pipeline in list(_PIPELINES):
         pipeline.closed = True

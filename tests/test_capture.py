@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from replay_opt import ReplayModelWrapper, ReplayOptimizer
-from replay_opt.capture import CaptureError
+from replay_opt.cut.capture import CaptureError
 
 cache_utils = pytest.importorskip("transformers.cache_utils")
 

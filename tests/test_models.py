@@ -19,7 +19,7 @@ from torch import nn
 from zoo import ZOO, call, loss_of
 
 from replay_opt import ReplayModelWrapper, ReplayOptimizer
-from replay_opt.capture import CaptureError
+from replay_opt.cut.capture import CaptureError
 
 HF = [name for name, e in ZOO.items() if e.hf]
 VISION = [name for name, e in ZOO.items() if not e.hf]

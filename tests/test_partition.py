@@ -11,7 +11,7 @@ from conftest import mlp
 from torch import nn
 
 from replay_opt import ReplayModelWrapper, ReplayOptimizer
-from replay_opt.units import balanced_starts
+from replay_opt.cut.units import balanced_starts
 
 
 class Block(nn.Module):

@@ -9,7 +9,7 @@ import pytest
 from conftest import mlp
 
 from replay_opt import ReplayModelWrapper
-from replay_opt.schedules import microbatches_for
+from replay_opt.multiprocess.schedules import microbatches_for
 
 
 @pytest.mark.parametrize("method", ["gpipe", "1f1b"])

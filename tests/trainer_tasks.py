@@ -310,4 +310,3 @@ def generate_in_a_pipeline(root: str) -> str:
     except RuntimeError as exc:
         return str(exc)
     return "no error"
-

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..partition import Stage
+from ..cut.partition import Stage
 from .base import Method
 from .bp import Backprop, GPipe, OneFOneB
 from .ddg import DelayedGradients

@@ -6,9 +6,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..history import to_device
-from ..memory import MemoryMeter
-from ..partition import Stage
+from ..cut.partition import Stage
+from .history import to_device
+from .memory import MemoryMeter
 
 
 class Method:

@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from ..batchnorm import frozen_running_stats
-from ..history import RngState, detached, to_device
-from ..memory import Storages
-from ..partition import Stage
+from ..cut.partition import Stage
 from .base import as_leaves
+from .batchnorm import frozen_running_stats
+from .history import RngState, detached, to_device
+from .memory import Storages
 from .stale import StaleGradientMethod, Values
 
 

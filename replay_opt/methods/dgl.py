@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..auxiliary import Auxiliary
-from ..history import detached, to_device
-from ..partition import Stage
+from ..cut.partition import Stage
+from .auxiliary import Auxiliary
 from .base import Method
+from .history import detached, to_device
 
 
 class _HeadsFollowTheLoss(torch.autograd.Function):

@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..auxiliary import Auxiliary
-from ..history import detached, to_device
-from ..join import StaleGradients, join
-from ..partition import Stage
+from ..cut.partition import Stage
+from .auxiliary import Auxiliary
 from .base import Method, as_leaves
+from .history import detached, to_device
+from .join import StaleGradients, join
 
 
 def synthesizer(activation: torch.Tensor) -> nn.Module:

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from ..batchnorm import frozen_running_stats
-from ..history import Entry, History, RngState
-from ..partition import Stage
+from ..cut.partition import Stage
 from .base import as_leaves
+from .batchnorm import frozen_running_stats
+from .history import Entry, History, RngState
 from .stale import StaleGradientMethod, Values
 
 

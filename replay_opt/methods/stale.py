@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from ..history import detached, to_device
-from ..join import StaleGradients, join
-from ..partition import Stage
+from ..cut.partition import Stage
 from .base import Method, as_leaves
+from .history import detached, to_device
+from .join import StaleGradients, join
 
 Grads = tuple[torch.Tensor | None, ...]
 Values = tuple[Any, ...]

@@ -136,7 +136,7 @@ def install() -> None:
 
     @functools.wraps(unwrap_model)
     def unwrap(self: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
-        from .wrapper import ReplayModelWrapper
+        from ..wrapper import ReplayModelWrapper
 
         model = unwrap_model(self, model, *args, **kwargs)
         return model.module if isinstance(model, ReplayModelWrapper) else model
@@ -169,7 +169,7 @@ def warn_if_read_early(replicas: int) -> None:
 
 
 def _active() -> Any:
-    from .pipeline import active_pipeline
+    from ..multiprocess.pipeline import active_pipeline
 
     return active_pipeline()
 

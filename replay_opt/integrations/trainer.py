@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .pipeline import active_pipeline
+from ..multiprocess.pipeline import active_pipeline
 
 
 @functools.cache

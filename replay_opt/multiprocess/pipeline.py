@@ -43,13 +43,13 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from ..cut.partition import Program, Stage, WholeCall
+from ..methods.base import Method, as_leaves
+from ..methods.bp import Backprop, GPipe
+from ..methods.history import detached, to_device
+from ..methods.join import StaleGradients, join
+from ..methods.stale import StaleGradientMethod, grads_of
 from .distributed import OPS, POINTS, Header, Kind, Layout, Op, PipelineError, Transport, fingerprint
-from .history import detached, to_device
-from .join import StaleGradients, join
-from .methods.base import Method, as_leaves
-from .methods.bp import Backprop, GPipe
-from .methods.stale import StaleGradientMethod, grads_of
-from .partition import Program, Stage, WholeCall
 from .schedules import Microbatched
 
 FINGERPRINTED_STEPS = 2  # the first training steps (and evaluation forwards) whose batches are compared

@@ -34,9 +34,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .batchnorm import frozen_running_stats
-from .history import RngState
-from .methods.base import as_leaves
+from ..methods.base import as_leaves
+from ..methods.batchnorm import frozen_running_stats
+from ..methods.history import RngState
 
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
 _CACHED = 4  # schedules kept per input shape (a smaller last batch, another sequence length)
