@@ -42,7 +42,7 @@ def measure(name: str) -> dict:
     start = time.perf_counter()
     wrapper = ReplayModelWrapper(model, num_modules=4, example_inputs=example)
     seconds = time.perf_counter() - start
-    program = wrapper._partition.programs()[0]
+    program = wrapper.partition.programs()[0]
     return {
         "model": name,
         "class": type(model).__name__,

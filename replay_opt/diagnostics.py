@@ -57,7 +57,7 @@ class SigmaProbe:
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be a positive number of steps, got {every}")
-        if model._pipeline is not None:
+        if model.rank is not None:
             raise ValueError("SigmaProbe runs in one process; with one process per module measure in one process")
         self.model = model
         self.loss_fn = loss_fn
@@ -74,10 +74,10 @@ class SigmaProbe:
         step, self.step = self.step, self.step + 1
         if step % self.every:
             return None
-        optimizer = self.model._optimizer
+        optimizer = self.model.replay_optimizer
         if optimizer is not None:
-            optimizer._compensation.restore()  # w^t itself, not a linear weight prediction
-        stages = self.model._stages
+            optimizer.compensation.restore()  # w^t itself, not a linear weight prediction
+        stages = self.model.partition.stages
         k = len(stages)
         scale = getattr(getattr(optimizer, "grad_scaler", None), "_scale", None)
         applied = [_flat([p.grad for p in s.parameters()], s.parameters(), scale) for s in stages]
@@ -105,8 +105,8 @@ class SigmaProbe:
         """Plain backprop of ``loss_fn`` on ``batch`` through every module at the current weights, per module."""
         inputs, target = batch
         args, kwargs = (tuple(inputs), {}) if isinstance(inputs, (tuple, list)) else ((), dict(inputs))
-        partition = self.model._partition
-        stages = self.model._stages
+        partition = self.model.partition
+        stages = partition.stages
         devices = [s.device for s in stages if s.device.type != "cpu"]
         with contextlib.ExitStack() as stack, torch.enable_grad():
             stack.enter_context(
@@ -115,7 +115,7 @@ class SigmaProbe:
             stack.enter_context(partition.using(partition.current))
             for s in stages:
                 stack.enter_context(frozen_running_stats(s.train))
-            x = partition.select(args, kwargs, training=True)
+            x = partition.select(partition.bind(args, kwargs), training=True).inputs
             for s in stages[:-1]:
                 x = s.train(*to_device(x, s.device))
             out = stages[-1].train(*to_device(x, stages[-1].device))

@@ -9,6 +9,7 @@ import torch
 
 from .compensation import Compensation
 from .methods.stale import StaleGradientMethod
+from .multiprocess import checkpoints
 from .wrapper import ReplayModelWrapper
 
 
@@ -51,18 +52,18 @@ class ReplayOptimizer(torch.optim.Optimizer):
                 f"ReplayOptimizer needs the ReplayModelWrapper, got {type(model).__name__}: "
                 "model = ReplayModelWrapper(model, num_modules=K); optimizer = ReplayOptimizer(optimizer, model)"
             )
-        if model._optimizer is not None:
-            raise ValueError("this ReplayModelWrapper already has a ReplayOptimizer; create one per model")
         owned = {id(p) for p in model.parameters()}
         if not any(id(p) in owned for group in optimizer.param_groups for p in group["params"]):
             raise ValueError("the optimizer holds none of the model's parameters; build it on this model's parameters")
+        if model.replay_optimizer is not None:
+            raise ValueError("this ReplayModelWrapper already has a ReplayOptimizer; create one per model")
         self.optimizer = optimizer
         self.model = model
-        self._method = model._method
+        self._method = model.algorithm
         self._method.grad_scaler = grad_scaler
         self._method.bind(optimizer)
-        self._compensation = Compensation(compensation, optimizer, self._delays())
-        model._optimizer = self
+        self.compensation = Compensation(compensation, optimizer, self._delays())
+        model.bind_optimizer(self)
 
     def _delays(self) -> dict[int, int]:
         """id(parameter) -> D = K - k, the age of module k's gradient (0 where nothing is stale)."""
@@ -109,16 +110,16 @@ class ReplayOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._method.on_zero_grad()
-        if self.model._pipeline is not None:
-            self.model._pipeline.on_step()
+        if self.model.rank is not None:
+            self.model.rank.on_step()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pipeline = self.model._pipeline
-        tied_live = pipeline.reduce_gradients() if pipeline is not None else set()
+        rank = self.model.rank
+        tied_live = rank.collectives.reduce_gradients() if rank is not None else set()
         self._method.before_step()
         # Modules still waiting for their first (input, gradient) pair must not
         # move at all: hide their gradients so the optimizer skips them.
@@ -132,26 +133,26 @@ class ReplayOptimizer(torch.optim.Optimizer):
                     hidden.append((p, p.grad))
                     p.grad = None
         try:
-            self._compensation.step(self.optimizer.step)
+            self.compensation.step(self.optimizer.step)
         finally:
             for p, grad in hidden:
                 p.grad = grad
         self._method.on_step()
-        if pipeline is not None:
-            pipeline.on_step()
+        if rank is not None:
+            rank.on_step()
         return loss
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus ``"replay"``; collective with one process per module."""
-        pipeline = self.model._pipeline
-        if pipeline is None:
+        rank = self.model.rank
+        if rank is None:
             state = self.optimizer.state_dict()
             state["replay"] = self.model.replay_state_dict()
         else:
-            state = pipeline.optimizer_state_dict(
-                self.optimizer.state_dict(), self._local_indices(), self.model.replay_state_dict
+            state = checkpoints.optimizer_state_dict(
+                rank, self.optimizer.state_dict(), self._local_indices(), self.model.replay_state_dict
             )
-        state["compensation"] = self._compensation.state_dict()
+        state["compensation"] = self.compensation.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -159,32 +160,37 @@ class ReplayOptimizer(torch.optim.Optimizer):
         replay = state_dict.pop("replay", None)
         compensation = state_dict.pop("compensation", None)
         if compensation is not None:
-            self._compensation.load_state_dict(compensation)
-        pipeline = self.model._pipeline
-        if pipeline is not None and replay is not None:
-            replay = pipeline.load_replay(replay)
+            self.compensation.load_state_dict(compensation)
+        rank = self.model.rank
+        if rank is not None and replay is not None:
+            replay = checkpoints.load_replay(rank, replay)
         self.optimizer.load_state_dict(state_dict)
         self._drop_foreign_state()
         if replay is not None:
             self.model.load_replay_state_dict(replay)
 
-    def _on_new_program(self) -> None:
-        """A program captured after construction (first forward, new call signature): the delays of its
-        modules' parameters, and with one process per module no state for parameters of other ranks."""
-        self._compensation.delays = self._delays()
+    def before_forward(self) -> None:
+        """Called by the wrapper before each training forward: linear weight prediction, when asked for."""
+        self.compensation.predict()
+
+    def on_new_program(self) -> None:
+        """Called by the wrapper when a program is captured after construction (first forward, new call
+        signature): the delays of its modules' parameters, and with one process per module no state for
+        parameters of other ranks."""
+        self.compensation.delays = self._delays()
         self._drop_foreign_state()
 
     def _drop_foreign_state(self) -> None:
         """With one process per module: keep optimizer state only for this rank's parameters (once they are known)."""
-        if self.model._pipeline is None or not self.model._partition.captured:
+        if self.model.rank is None or not self.model.partition.captured:
             return
-        own = {id(p) for p in self.model._local_stage.parameters()}
+        own = {id(p) for p in self.model.local_parameters()}
         for p in [p for p in self.optimizer.state if id(p) not in own]:
             del self.optimizer.state[p]
 
     def _local_indices(self) -> set[int]:
         """Positions (as in ``state_dict()["state"]``) of the parameters this rank's module trains."""
-        own = {id(p) for p in self.model._local_stage.parameters()}
+        own = {id(p) for p in self.model.local_parameters()}
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         return {i for i, p in enumerate(params) if id(p) in own}
 

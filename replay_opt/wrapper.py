@@ -12,14 +12,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map_only
+from torch.utils._pytree import tree_map_only
 
 from .cut.partition import Balance, Partition, Program, Stage
+from .integrations.accelerate import install as install_accelerate
+from .integrations.accelerate import warn_if_read_early
+from .integrations.trainer import install as install_trainer
 from .methods import make_method
 from .methods.bp import Backprop, GPipe
 from .methods.history import to_device
-from .multiprocess.distributed import Layout, local_device, pipeline_layout
-from .multiprocess.pipeline import FreshStateDict, Pipeline
+from .multiprocess.checkpoints import FreshStateDict
+from .multiprocess.layout import Layout, local_device, pipeline_layout
+from .multiprocess.rank import Rank
 from .precision import check_grad_scaler, pipeline_autocast, to_fp32
 
 logger = logging.getLogger(__name__)
@@ -131,23 +135,25 @@ class ReplayModelWrapper(nn.Module):
             raise TypeError(f"split_points takes a list of names, e.g. [{split_points!r}]")
         self.module = module
         self.method: str = method
-        self._optimizer: Any = None  # the ReplayOptimizer bound to this model
+        self.replay_optimizer: Any = None  # the ReplayOptimizer bound to this model (``bind_optimizer``)
         layout = pipeline_layout(num_modules if num_modules is not None else len(split_points or ()) + 1, timeout)
         if layout is not None and devices is not None:
             raise ValueError(
                 "devices= cannot be combined with one process per module: each process runs its module on "
                 "its own device (Accelerate's / LOCAL_RANK's); drop devices="
             )
-        # A plain attribute, not a submodule: the stages share their layers with ``module`` and
-        # must not appear twice in parameters() or state_dict().
-        self._partition = Partition(
+        # The engine's parts, each a plain attribute (not a submodule: the stages share their layers with
+        # ``module`` and must not appear twice in parameters() or state_dict()):
+        # ``partition`` the cut (cut/), ``algorithm`` the method (methods/), ``rank`` this process's module of a
+        # multi-process pipeline (multiprocess/; None in one process).
+        self.partition = Partition(
             module, num_modules=num_modules, split_points=split_points, balance=balance,
             example_inputs=example_inputs, capture=capture,
         )  # fmt: skip
-        self._stages: list[Stage] = self._partition.stages
-        self._method = make_method(method, self._stages)
-        _set_microbatches(self._method, microbatches, layout is not None)
-        self._pipeline: Pipeline | None = None
+        self._stages: list[Stage] = self.partition.stages
+        self.algorithm = make_method(method, self._stages)
+        _set_microbatches(self.algorithm, microbatches, layout is not None)
+        self.rank: Rank | None = None
         if layout is None:
             self._devices = _resolve_devices(devices, len(self._stages))
             if self._devices is not None:
@@ -156,37 +162,36 @@ class ReplayModelWrapper(nn.Module):
         else:
             device = local_device()
             self._devices = [device] * len(self._stages)
-            self._pipeline = Pipeline(self._stages, self._method, layout, device, timeout, module)
+            self.rank = Rank(
+                stages=self._stages, method=self.algorithm, layout=layout, device=device, timeout=timeout, model=module
+            )
             # Tell accelerator.prepare to leave this model alone: no move to one device, no DDP
             # (replicas average their gradients themselves, per module).
             self._is_accelerate_prepared = True
             # Whoever asks the model for its state dict gets every module's current weights.
-            module._register_state_dict_hook(FreshStateDict(self))
+            module._register_state_dict_hook(FreshStateDict(self.rank))
             if layout.rank == 0:
                 print(layout.describe(), flush=True)
-        if layout is not None and "transformers" in sys.modules:
-            from .integrations.trainer import install as install_trainer
-
-            install_trainer()  # Trainer saves from the main process only; the other modules' ranks join in
-        self._partition.on_new_program = self._place
-        from .integrations.accelerate import install, warn_if_read_early
-
-        install()  # unwrap_model gives the wrapped model; with a pipeline, Accelerate's idioms act on it
+        # unwrap_model gives the wrapped model; with a pipeline, Accelerate's idioms act on it
+        install_accelerate(ReplayModelWrapper)
         if layout is not None:
             warn_if_read_early(layout.replicas)
-        for program in self._partition.programs():
+            if "transformers" in sys.modules:
+                install_trainer()  # Trainer saves from the main process only; the other modules' ranks join in
+        self.partition.on_new_program = self._place
+        for program in self.partition.programs():
             self._place(program)
         self.track_memory = track_memory
 
     def _place(self, program: Program) -> None:
         """Put a new program's stage modules on their devices (one process per module: this rank's only)."""
-        if self._pipeline is not None:
-            self._pipeline.on_new_program(program, self.split_points)
+        if self.rank is not None:
+            self.rank.on_new_program(program, self.split_points)
         elif self._devices is not None:
             for stage, module in zip(self._stages, program.stages):
                 module.to(stage.device)
-        if self._optimizer is not None:
-            self._optimizer._on_new_program()
+        if self.replay_optimizer is not None:
+            self.replay_optimizer.on_new_program()
 
     # ----------------------------------------------------------------------- public
 
@@ -197,12 +202,12 @@ class ReplayModelWrapper(nn.Module):
     @property
     def split_points(self) -> list[str]:
         """The K-1 submodule names at which modules 2..K begin ([] until chosen at the first forward)."""
-        return list(self._partition.split_points or [])
+        return list(self.partition.split_points or [])
 
     @property
     def units(self) -> list[str]:
         """The submodule names the balancer may cut at (in execution order once the model is captured)."""
-        return list(self._partition.ordered_units or self._partition.units)
+        return list(self.partition.ordered_units or self.partition.units)
 
     @property
     def stages(self) -> list[nn.Module]:
@@ -216,11 +221,11 @@ class ReplayModelWrapper(nn.Module):
 
     @property
     def track_memory(self) -> bool:
-        return self._method.meter.enabled
+        return self.algorithm.meter.enabled
 
     @track_memory.setter
     def track_memory(self, enabled: bool) -> None:
-        self._method.meter.enabled = bool(enabled)
+        self.algorithm.meter.enabled = bool(enabled)
 
     def memory_report(self) -> dict[str, Any]:
         """Bytes held for backward in the last training step, per module and category.
@@ -232,8 +237,8 @@ class ReplayModelWrapper(nn.Module):
         """
         if not self.track_memory:
             raise RuntimeError("memory accounting is off: build the wrapper with track_memory=True")
-        self._method.meter.devices = self.devices
-        return {"method": self.method, **self._method.meter.report()}
+        self.algorithm.meter.devices = self.devices
+        return {"method": self.method, **self.algorithm.meter.report()}
 
     def describe(self) -> str:
         """A table of the partition: where each module begins, its parameters and device."""
@@ -241,13 +246,13 @@ class ReplayModelWrapper(nn.Module):
         layout = self.layout
         for stage, device in zip(self._stages, self.devices):
             where = f"on {device}" if layout is None else f"on rank {layout.rank_of(stage.index)}"
-            if not self._partition.captured:
+            if not self.partition.captured:
                 lines.append(f"  module {stage.index + 1}: split and captured at the first forward  {where}")
                 continue
             params = sum(p.numel() for p in stage.parameters())
             first = self.split_points[stage.index - 1] if stage.index else "(input)"
             lines.append(f"  module {stage.index + 1}: from {first:<24} {params:>12,} params  {where}")
-        for program in self._partition.programs():
+        for program in self.partition.programs():
             if program.graph is not None:
                 lines.append(f"  captured with {program.graph.tracer} in {program.graph.seconds:.2f} s: {program.name}")
         return "\n".join(lines)
@@ -271,7 +276,7 @@ class ReplayModelWrapper(nn.Module):
         """Where each module runs, as transformers' ``hf_device_map`` (first unit -> device) -- only when this
         process spreads the modules over several devices; otherwise there is none (an AttributeError, as for a
         model on one device: Accelerate and Trainer test ``hasattr``)."""
-        if self._devices is None or self._pipeline is not None or len(set(self._devices)) < 2:
+        if self._devices is None or self.rank is not None or len(set(self._devices)) < 2:
             raise AttributeError("hf_device_map")
         split_points = self.split_points
         names = ["(input)", *split_points] if split_points else [f"module {i + 1}" for i in range(self.num_modules)]
@@ -289,7 +294,7 @@ class ReplayModelWrapper(nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The model's own ``generate``, in one process; with one process per module this rank holds one module's
         current weights only, so generation is refused rather than run on stale ones."""
-        if self._pipeline is not None:
+        if self.rank is not None:
             raise RuntimeError(
                 "generate() needs the whole model in one process, but this rank trains one module of a pipeline. "
                 "Save the model (trainer.save_model() / unwrap_model(model).save_pretrained(dir), on every rank) and "
@@ -319,37 +324,40 @@ class ReplayModelWrapper(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._sync_devices()
         training = self.training and torch.is_grad_enabled()
-        if training or self._pipeline is not None or self._devices is not None:  # through the cut
-            kwargs = self._partition.without_cache(args, kwargs)
+        if not (training or self.rank is not None or self._devices is not None):
+            return self.module(*args, **kwargs)  # inference on one device: the original forward, exactly
+        call = self.partition.bind(args, kwargs)  # the one object that goes through the cut
         if training:
-            if self._optimizer is None and not isinstance(self._method, Backprop):
+            if self.replay_optimizer is None and not isinstance(self.algorithm, Backprop):
                 raise RuntimeError(
                     "no ReplayOptimizer is bound to this model: wrap the optimizer with "
                     "`optimizer = ReplayOptimizer(optimizer, model)` before training"
                 )
             self._check_grad_scaler()
-            self._method.meter.begin_step()
-            if self._optimizer is not None:
-                self._optimizer._compensation.predict()  # linear weight prediction, when asked for
-        if self._pipeline is not None:
-            with pipeline_autocast(self._pipeline.device.type) as precision:
-                inputs = self._partition.select(args, kwargs, training)
-                if training:
-                    out = self._pipeline.train_forward(inputs, (args, kwargs))
-                else:
-                    out = self._pipeline.infer(inputs, (args, kwargs), self.training)
+            self.algorithm.meter.begin_step()
+            if self.replay_optimizer is not None:
+                self.replay_optimizer.before_forward()
+        if self.rank is not None:
+            with pipeline_autocast(self.rank.device.type) as precision:
+                self.partition.select(call, training)
+                out = self.rank.train_forward(call) if training else self.rank.infer(call, self.training)
             return to_fp32(out) if precision == "bf16" else out
-        if not training:
-            return self._inference(args, kwargs)
-        inputs = self._partition.select(args, kwargs, True)
-        return self._to_input_device(self._method.forward(inputs), args, kwargs)
+        self.partition.select(call, self.training)  # (in train mode under no_grad: the train-mode program)
+        if training:
+            out = self.algorithm.forward(call.inputs)
+        else:  # modules on several devices of this process
+            x = call.inputs
+            for stage in self._stages:
+                x = stage.forward(False, *to_device(x, stage.device))
+            out = x
+        return self._to_input_device(out, call)
 
     # ----------------------------------------------------------------------- multi-process
 
     @property
     def layout(self) -> Layout | None:
         """Which rank runs which module (None in one process)."""
-        return None if self._pipeline is None else self._pipeline.layout
+        return None if self.rank is None else self.rank.layout
 
     def sum_over_last_modules(self, value: torch.Tensor) -> torch.Tensor:
         """Sum over data-parallel replicas of ``value`` as computed on each replica's last module.
@@ -357,7 +365,7 @@ class ReplayModelWrapper(nn.Module):
         The loss and accuracy are only meaningful on the rank of the last module; every rank
         calls this at the same point and gets the same result.  In one process: ``value``.
         """
-        return value if self._pipeline is None else self._pipeline.sum_over_last_modules(value)
+        return value if self.rank is None else self.rank.collectives.sum_over_last_modules(value)
 
     def prepare_data_loader(self, loader: Any, **kwargs: Any) -> Any:
         """``accelerate``'s ``prepare_data_loader``, sharded over data-parallel replicas, not ranks.
@@ -378,27 +386,24 @@ class ReplayModelWrapper(nn.Module):
             **kwargs,
         )
 
-    @property
-    def _local_stage(self) -> Stage:
-        assert self._pipeline is not None
-        return self._pipeline.stage
+    def bind_optimizer(self, optimizer: Any) -> None:
+        """Called by ``ReplayOptimizer``: the one optimizer of this model (told of new programs, asked to
+        predict weights before each training forward)."""
+        if self.replay_optimizer is not None:
+            raise ValueError("this ReplayModelWrapper already has a ReplayOptimizer; create one per model")
+        self.replay_optimizer = optimizer
 
-    def _inference(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self._devices is None:
-            return self.module(*args, **kwargs)  # one device: the original forward, exactly
-        x = self._partition.select(args, kwargs, self.training)
-        for stage in self._stages[:-1]:
-            x = stage.forward(self.training, *to_device(x, stage.device))
-        last = self._stages[-1]
-        return self._to_input_device(last.forward(self.training, *to_device(x, last.device)), args, kwargs)
+    def local_parameters(self) -> list[nn.Parameter]:
+        """The parameters this process trains: every module's in one process, its own module's with one process
+        per module."""
+        return self.rank.stage.parameters() if self.rank is not None else list(self.module.parameters())
 
-    def _to_input_device(self, out: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _to_input_device(self, out: Any, call: Any) -> Any:
         # The output goes back to where the batch came from, so the user's loss
         # meets its targets on one device, as with a model on one device.
         if self._devices is None:
             return out
-        leaves = tree_flatten((args, kwargs))[0]
-        device = next((a.device for a in leaves if isinstance(a, torch.Tensor)), None)
+        device = next((t.device for t in call.tensors), None)
         if device is None:
             return out
         return tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=True), out)
@@ -411,7 +416,7 @@ class ReplayModelWrapper(nn.Module):
 
     def _check_grad_scaler(self) -> None:
         # With one process per module fp16 is refused outright (see pipeline_autocast), not scaled.
-        if self._method.grad_scaler is None and self._pipeline is None:
+        if self.algorithm.grad_scaler is None and self.rank is None:
             check_grad_scaler()
 
     # ----------------------------------------------------------------------- placement
@@ -435,25 +440,25 @@ class ReplayModelWrapper(nn.Module):
 
     def replay_state_dict(self) -> dict[str, Any]:
         """What the method keeps between steps (histories, stale gradients, counters), and the cut."""
-        return {**self._method.state_dict(), "split_points": self.split_points}
+        return {**self.algorithm.state_dict(), "split_points": self.split_points}
 
     def load_replay_state_dict(self, state: dict[str, Any]) -> None:
         saved = state.get("split_points")
         same_shape = state.get("method") == self.method and state.get("num_modules") == self.num_modules
-        if same_shape and saved is not None and self._partition.split_points is not None and saved != self.split_points:
+        if same_shape and saved is not None and self.partition.split_points is not None and saved != self.split_points:
             raise ValueError(
                 f"the checkpoint was saved with split_points={saved}, this model is cut at {self.split_points}: the "
                 "stored inputs and gradients belong to the other cut; build the wrapper with "
                 f"split_points={saved} to resume"
             )
         self._sync_devices()
-        self._method.load_state_dict(state)
+        self.algorithm.load_state_dict(state)
 
 
 # Attributes the wrapper must not take from the model: its own (set or looked up before they exist), and those
 # whose model value would be wrong for the wrapper (it is not a DDP or compiled module, nor sharded at load time).
 _NOT_FORWARDED = frozenset({
-    "module", "_optimizer", "_partition", "_stages", "_method", "_pipeline", "_devices",
+    "module", "replay_optimizer", "partition", "_stages", "algorithm", "rank", "_devices",
     "_is_accelerate_prepared", "is_distributed_loading_by_transformers", "_orig_mod", "hf_device_map",
 })  # fmt: skip
 

@@ -18,14 +18,12 @@ def reset() -> None:
     """What one training run leaves behind that the next must not see."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from replay_opt.multiprocess.pipeline import _PIPELINES
+    from replay_opt.multiprocess import registry
 
-    for pipeline in list(_PIPELINES):
-        pipeline.closed = True
-        for group in (pipeline.transport.meta, pipeline.transport.stage_group):
+    for rank in registry.forget_all():
+        for group in (rank.transport.meta, rank.transport.stage_group):
             if group is not None:
                 torch.distributed.destroy_process_group(group)
-        _PIPELINES.discard(pipeline)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     gc.collect()

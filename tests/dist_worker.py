@@ -92,7 +92,7 @@ def train(
                 torch.save(state, out / "checkpoint.pt")
             dist.barrier()
     state = wrapper.state_dict()
-    wrapper._pipeline.close()
+    wrapper.rank.close()
     return {"model": state, "losses": losses}
 
 
@@ -116,7 +116,7 @@ def train_tied(steps: int = 6, method: str = "fr") -> dict:
         opt.step()
         opt.zero_grad()
     state = wrapper.state_dict()
-    wrapper._pipeline.close()
+    wrapper.rank.close()
     tied_once = state["embed.weight"] is state["head.weight"]  # as in one process: one tensor
     return {"model": state, "embed": model.embed.weight.detach().clone(), "head": model.head.weight.detach().clone(),
             "tied_once": tied_once}  # fmt: skip
@@ -144,7 +144,7 @@ def train_microbatched_bn(method: str, microbatches: int, steps: int = 4) -> dic
         opt.step()
         opt.zero_grad()
     state = wrapper.state_dict()
-    wrapper._pipeline.close()
+    wrapper.rank.close()
     return {"model": state}
 
 
@@ -172,5 +172,5 @@ def train_zoo(name: str, method: str, steps: int = 3, batch: int = 4, in_model: 
         opt.step()
         opt.zero_grad()
     state = wrapper.state_dict()
-    wrapper._pipeline.close()
+    wrapper.rank.close()
     return {"model": state, "split_points": wrapper.split_points}

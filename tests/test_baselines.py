@@ -155,7 +155,7 @@ def test_state_dict_round_trip_resumes_identically(method, resume_at):
     torch.manual_seed(7)
     train(*resumed, data[resume_at:])
     assert max_param_diff(straight[0], resumed[0]) == 0.0
-    aux_a, aux_b = straight[0]._method.__dict__.get("aux"), resumed[0]._method.__dict__.get("aux")
+    aux_a, aux_b = straight[0].algorithm.__dict__.get("aux"), resumed[0].algorithm.__dict__.get("aux")
     if aux_a is not None:
         for a, b in zip(aux_a.parameters(), aux_b.parameters()):
             assert torch.equal(a, b)
@@ -196,7 +196,7 @@ def test_dni_synthesizers_start_at_zero_and_learn():
         F.cross_entropy(wrapper(x), y).backward()
         opt.step()
         opt.zero_grad()
-        errors.append(wrapper._method.synthesizer_error.item())
+        errors.append(wrapper.algorithm.synthesizer_error.item())
     # The targets move as the model learns, so compare windows: from 1 (zero prediction) it falls.
     assert errors[0] == pytest.approx(1.0, abs=0.02)
     assert sum(errors[40:60]) / 20 < 0.95 * sum(errors[:5]) / 5, errors[::10]
@@ -213,7 +213,7 @@ def test_dgl_heads_train_on_the_true_labels():
     opt = ReplayOptimizer(torch.optim.SGD(wrapper.parameters(), lr=0.1), wrapper)
     x, y = batches(1)[0]
     F.cross_entropy(wrapper(x), y, label_smoothing=0.1).backward()
-    heads = wrapper._method.aux.modules
+    heads = wrapper.algorithm.aux.modules
     got_head = [p.grad.clone() for p in heads["0"].parameters()]
     got_stage = [p.grad.clone() for p in wrapper.stages[0].parameters()]
     del opt

@@ -170,7 +170,7 @@ def test_weight_prediction_from_the_last_update_matches_the_hand_written_forward
     run_library(plain, data, adamw, split_points=[str(i) for i in SPLIT[k]])
     assert max_param_diff(model, plain) > 1e-4  # (the prediction changed the training)
     last = {id(p) for p in wrapper.stages[-1].parameters()}
-    state = wrapper._optimizer.optimizer.state
+    state = wrapper.replay_optimizer.optimizer.state
     assert all(("replay_update" in state[p]) == (id(p) not in last) for p in model.parameters())
 
 
@@ -185,7 +185,7 @@ def test_momentum_correction_matches_per_module_betas(k):
     naive_features_replay(stages, data, lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, betas=next(betas)))
     wrapper = run_library(model, data, adamw, compensation="momentum", split_points=[str(i) for i in SPLIT[k]])
     assert max_param_diff(model, reference) <= 1e-5
-    assert wrapper._optimizer.param_groups[0]["betas"] == (0.9, 0.999)  # restored after every step
+    assert wrapper.replay_optimizer.param_groups[0]["betas"] == (0.9, 0.999)  # restored after every step
 
 
 @pytest.mark.parametrize(("k", "method"), [(1, "fr"), (3, "bp")])

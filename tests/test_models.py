@@ -145,11 +145,11 @@ def test_a_new_batch_or_sequence_length_does_not_recapture(models):
         wrapper(**entry.batch(n, seed)).loss.backward()
         opt.step()
         opt.zero_grad()
-    programs = wrapper._partition.programs()
+    programs = wrapper.partition.programs()
     assert len(programs) == 1 and programs[0].graph.tracer == "export"
     # Without labels: another signature, one more capture, and the output has no loss.
     out = wrapper(input_ids=entry.batch(2, 0)["input_ids"])
-    assert out.loss is None and len(wrapper._partition.programs()) == 2
+    assert out.loss is None and len(wrapper.partition.programs()) == 2
 
 
 def test_units_reach_transformer_blocks():
@@ -332,7 +332,7 @@ def test_an_untraceable_model_gets_an_error_whose_fix_works():
     model = Net()
     wrapper = ReplayModelWrapper(model, split_points=["body", "head"], method="bp")
     torch.testing.assert_close(wrapper(torch.randn(4, 8)).shape, torch.Size([4, 4]))
-    assert wrapper._partition.programs()[0].graph.tracer == "fx"
+    assert wrapper.partition.programs()[0].graph.tracer == "fx"
 
 
 # --------------------------------------------------------------------------- torchvision and timm, bit for bit

@@ -9,8 +9,9 @@ and a unit that runs more than once (a shared embedding) cannot begin a module.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,9 +21,6 @@ from tqdm.auto import tqdm
 from .capture import Call, Graph, capture, example_call, signature_of, training_mode
 from .split import is_sequential_split, split_graph, split_sequential, units_in_order
 from .units import balanced_starts, candidate_units
-
-if TYPE_CHECKING:
-    from .partition import Partition
 
 
 @dataclass
@@ -35,15 +33,17 @@ class UnitProfile:
 
 
 def choose_split_points(
-    partition: Partition,
+    model: nn.Module,
+    k: int,
+    balance: str | Sequence[int],
     units: list[str],
     allowed: list[bool],
     *,
     graph: Graph | None = None,
     call: Call | None = None,
 ) -> list[str]:
-    """The names at which modules 2..K begin, for ``partition.balance``."""
-    model, k, balance = partition.model, partition.num_modules, partition.balance
+    """The names at which modules 2..K of ``model`` begin, among ``units`` (those ``allowed`` to begin one):
+    equal parameter counts (``"params"``), equal time measured on ``call`` (``"time"``), or unit counts."""
     if isinstance(balance, str):
         if balance == "params":
             seen: set[int] = set()
@@ -53,8 +53,8 @@ def choose_split_points(
                 seen.update(id(p) for p in params)
                 weights.append(float(sum(p.numel() for p in params)))
         else:
-            example = call if call is not None else example_call(partition.signature, partition._example)
-            profiled = {u.name: u for u in profile(model, example, units=units, allowed=allowed, graph=graph)}
+            assert call is not None, 'balance="time" profiles on a call'
+            profiled = {u.name: u for u in profile(model, call, units=units, allowed=allowed, graph=graph)}
             weights = [profiled[u].forward_s + profiled[u].backward_s if u in profiled else 0.0 for u in units]
         starts = balanced_starts(weights, k, allowed)
     else:

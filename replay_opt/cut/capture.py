@@ -45,7 +45,15 @@ class CaptureError(ValueError):
 
 
 class Call:
-    """The inputs of one call, canonical: bound to ``forward``'s signature (defaults applied), flattened."""
+    """One call of the model, the object that flows from ``wrapper.forward`` to the modules.
+
+    Its inputs canonical -- bound to ``forward``'s signature (defaults applied), flattened: ``leaves`` and
+    ``spec``, the ``tensors`` among them -- and what every layer asks of a call: its graph ``key`` (the
+    signature a captured program belongs to), its ``shape_key`` (what decides the output's shapes), its
+    ``batch_size``, and ``inputs``, module 1's inputs under the program the partition selected for it.
+    """
+
+    inputs: tuple[Any, ...] = ()  # module 1's inputs, set by ``Partition.select``
 
     def __init__(self, signature: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._named: list[tuple[str, Any]] = [(f"arg{i}", v) for i, v in enumerate(args)] + list(kwargs.items())
@@ -72,7 +80,13 @@ class Call:
         leaves = [next(it) if isinstance(v, torch.Tensor) else v for v in self.leaves]
         return tree_unflatten(leaves, self.spec)
 
+    def shape_key(self) -> Hashable:
+        """The structure, and each leaf's shape and dtype (tensors) or value: what decides the output's shapes."""
+        return str(self.spec), tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else repr(v)
+                                     for v in self.leaves)  # fmt: skip
+
     def batch_size(self) -> int:
+        """The first dimension of the first tensor with one (0 when none has)."""
         return next((t.shape[0] for t in self.tensors if t.dim() > 0), 0)
 
     def describe(self) -> str:

@@ -12,8 +12,9 @@
   a call with another signature (``labels=`` present or not, eval mode) gets a program of its
   own, kept in a small LRU cache.
 
-``select(args, kwargs, training)`` picks (or captures) the program for a call, makes it the
-current one and returns the values to feed module 1.
+``bind(args, kwargs)`` makes the ``Call`` of a forward (``capture.py``) -- the one object the wrapper
+hands on; ``select(call, training)`` picks (or captures) the program for it, makes it the current
+one and sets ``call.inputs``, the values to feed module 1.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import TRACERS, Call, CaptureError, Graph, as_call, capture, signature_of
+from .balance import choose_split_points
+from .capture import TRACERS, Call, CaptureError, Graph, as_call, capture, example_call, signature_of
 from .split import StageModule, is_sequential_split, split_graph, split_sequential, units_in_order
 from .units import candidate_units, check_names
 
@@ -78,10 +80,14 @@ class StageDispatch(nn.Module):
         super().__init__()
         self.index = index
         self.programs = nn.ModuleList()
-        object.__setattr__(self, "_partition", partition)
+        self.partition = partition  # (not a module: a plain attribute)
+
+    def current_module(self) -> StageModule:
+        """This index's module of the program in use."""
+        return self.partition.current_program().stages[self.index]
 
     def forward(self, *inputs: Any) -> Any:
-        return self._partition.current_program().stages[self.index](*inputs)
+        return self.current_module()(*inputs)
 
 
 @dataclass
@@ -100,10 +106,10 @@ class Stage:
 
     @property
     def program(self) -> Program | None:
-        return self.train._partition.current
+        return self.train.partition.current
 
     def using(self, program: Program | None) -> contextlib.AbstractContextManager[None]:
-        return self.train._partition.using(program)
+        return self.train.partition.using(program)
 
 
 class Partition:
@@ -162,12 +168,10 @@ class Partition:
             self._install(Program(None, [StageModule(_Whole(model), last=True)], name="whole model"))
         elif is_sequential_split(model, split_points or self.units):
             if self.split_points is None:
-                from .balance import choose_split_points
-
-                self.split_points = choose_split_points(self, self.units, [True] * len(self.units))
+                self.split_points = self._choose(self.units, [True] * len(self.units))
             self._install(Program(None, split_sequential(model, self.split_points), name="nn.Sequential"))
         elif example_inputs is not None:
-            self.select(*as_call(example_inputs), training=True)
+            self.select(self.bind(*as_call(example_inputs)), training=True)
         elif capture in ("auto", "fx") and balance != "time":
             self._capture_default_call()
         if balance == "time" and self.split_points is None and example_inputs is None:
@@ -195,16 +199,26 @@ class Partition:
             self.current = programs[-1]
         return self.current
 
-    def select(self, args: tuple[Any, ...], kwargs: dict[str, Any], training: bool) -> tuple[Any, ...]:
-        """Make the program for this call current (capturing it if new); return module 1's inputs."""
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+        """The ``Call`` of ``model(*args, **kwargs)`` through the cut: ``use_cache=False`` where ``forward`` takes
+        ``use_cache`` (transformers models) -- a cache is not a tensor that can cross a cut, and training or
+        evaluating through the cut never reads it.  A model with one fixed program (an ``nn.Sequential``, K=1)
+        takes its arguments as given."""
+        kwargs = self._without_cache(args, kwargs)
+        return Call(None if self._fixed is not None else self.signature, args, kwargs)
+
+    def select(self, call: Call, training: bool) -> Call:
+        """Make the program for this call current (capturing it if new); set ``call.inputs``, module 1's inputs."""
         if self._fixed is not None:
             self.current = self._fixed
+            args, kwargs = call.args, call.kwargs
             if self.num_modules == 1:
-                return (WholeCall(args, kwargs),)
-            if kwargs:
+                call.inputs = (WholeCall(args, kwargs),)
+            elif kwargs:
                 raise TypeError(f"{type(self.model).__name__} takes positional inputs only; got {sorted(kwargs)}")
-            return args
-        call = Call(self.signature, args, kwargs)
+            else:
+                call.inputs = args
+            return call
         key = call.key(training)
         program = self._cache.get(key)
         if program is not None and program.fits(call):
@@ -212,11 +226,10 @@ class Partition:
         else:
             program = self._capture(call, training, key)
         self.current = program
-        return call.tensors
+        call.inputs = call.tensors
+        return call
 
-    def without_cache(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        """``kwargs`` with ``use_cache=False`` where ``forward`` takes ``use_cache`` (transformers models): a cache
-        is not a tensor that can cross a cut, and training or evaluating through the cut never reads it."""
+    def _without_cache(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         if self._use_cache_at is None or self._use_cache_at < len(args) or kwargs.get("use_cache") is False:
             return kwargs  # not an argument, given positionally, or already off
         if kwargs.get("use_cache") and not self._warned_cache:
@@ -243,9 +256,7 @@ class Partition:
         if self.split_points is None or self.ordered_units is None:
             ordered, allowed = self._units_in_order(graph)
             if self.split_points is None:
-                from .balance import choose_split_points
-
-                self.split_points = choose_split_points(self, ordered, allowed, graph=graph, call=call)
+                self.split_points = self._choose(ordered, allowed, graph=graph, call=call)
             self.ordered_units = ordered
         stages = split_graph(graph, self.model, self.split_points)
         mode = "train" if training else "eval"
@@ -277,6 +288,13 @@ class Partition:
         for stage, module in zip(self.stages, program.stages):
             kept = [m for m in stage.train.programs if m is not module]
             stage.train.programs = nn.ModuleList(kept)
+
+    def _choose(self, units: list[str], allowed: list[bool], graph: Graph | None = None, call: Call | None = None
+                ) -> list[str]:  # fmt: skip
+        """Split points for ``self.balance`` (``balance="time"`` profiles on the call, or the example inputs)."""
+        if self.balance == "time" and call is None:
+            call = example_call(self.signature, self._example)
+        return choose_split_points(self.model, self.num_modules, self.balance, units, allowed, graph=graph, call=call)
 
     def _leaves(self) -> set[str]:
         """Units fx may call whole: those that hold no split point."""

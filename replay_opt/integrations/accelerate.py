@@ -5,7 +5,7 @@ Accelerate assumes that every process holds the whole model and its own shard of
 changed by the two lines would be silently wrong: each rank would read another shard, the
 LR scheduler would step K times per step, gradient clipping would use each rank's own
 norm, metrics would mix placeholder outputs in.  So while a ``ReplayModelWrapper`` runs
-one process per module (``replay_opt.pipeline.active_pipeline()`` is set), the Accelerate
+one process per module (``replay_opt.multiprocess.registry.active_rank()`` is set), the Accelerate
 calls below act on the pipeline; with no pipeline they are Accelerate's own, unchanged.
 
 =====================================  ===================================================
@@ -42,12 +42,15 @@ from typing import Any
 
 import torch
 
+from ..multiprocess.registry import active_rank
+
 logger = logging.getLogger(__name__)
 
 
 @functools.cache
-def install() -> None:
-    """Patch Accelerate once (idempotent); every patch defers to Accelerate unless a pipeline runs."""
+def install(wrapper_class: type) -> None:
+    """Patch Accelerate once (idempotent); every patch defers to Accelerate unless a pipeline runs.
+    ``unwrap_model`` gives the model inside a ``wrapper_class`` (``ReplayModelWrapper``)."""
     try:
         import accelerate.accelerator as accelerator_module
         from accelerate import Accelerator
@@ -86,19 +89,20 @@ def install() -> None:
     AcceleratedScheduler.step = scheduler_step
 
     _patch(Accelerator, "clip_grad_norm_", lambda pipeline, original, self, parameters, max_norm, norm_type=2:
-           pipeline.clip_grad_norm_(parameters, max_norm, norm_type))  # fmt: skip
+           pipeline.collectives.clip_grad_norm_(parameters, max_norm, norm_type))  # fmt: skip
 
     def clip_value(pipeline: Any, original: Any, self: Any, parameters: Any, clip_value: float) -> Any:
-        pipeline.reduce_gradients()
+        pipeline.collectives.reduce_gradients()
         return original(self, parameters, clip_value)
 
     _patch(Accelerator, "clip_grad_value_", clip_value)
-    _patch(Accelerator, "gather", lambda pipeline, original, self, tensor: pipeline.gather_from_last_modules(tensor))
+    _patch(Accelerator, "gather", lambda pipeline, original, self, tensor:
+           pipeline.collectives.gather_from_last_modules(tensor))  # fmt: skip
 
     def reduce(pipeline: Any, original: Any, self: Any, tensor: Any, reduction: str = "sum", scale: float = 1.0) -> Any:
         if reduction == "none":
             return tensor
-        gathered = pipeline.gather_from_last_modules(torch.utils._pytree.tree_map(
+        gathered = pipeline.collectives.gather_from_last_modules(torch.utils._pytree.tree_map(
             lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, tensor))  # fmt: skip
         fn = (lambda t: t.sum(0) * scale) if reduction == "sum" else (lambda t: t.mean(0) * scale)
         return torch.utils._pytree.tree_map(lambda t: fn(t) if isinstance(t, torch.Tensor) else t, gathered)
@@ -112,7 +116,7 @@ def install() -> None:
         pipeline = _active()
         if pipeline is None:
             return gather_object(obj)
-        return [item for part in pipeline.gather_objects_from_last_modules(obj) for item in part]
+        return [item for part in pipeline.collectives.gather_objects_from_last_modules(obj) for item in part]
 
     accelerator_module.gather_object = pipeline_gather_object
 
@@ -136,10 +140,8 @@ def install() -> None:
 
     @functools.wraps(unwrap_model)
     def unwrap(self: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
-        from ..wrapper import ReplayModelWrapper
-
         model = unwrap_model(self, model, *args, **kwargs)
-        return model.module if isinstance(model, ReplayModelWrapper) else model
+        return model.module if isinstance(model, wrapper_class) else model
 
     Accelerator.unwrap_model = unwrap
 
@@ -169,9 +171,7 @@ def warn_if_read_early(replicas: int) -> None:
 
 
 def _active() -> Any:
-    from ..multiprocess.pipeline import active_pipeline
-
-    return active_pipeline()
+    return active_rank()
 
 
 def _patch(cls: type, name: str, pipelined: Any) -> None:

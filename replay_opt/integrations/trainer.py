@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..multiprocess.pipeline import active_pipeline
+from ..multiprocess.registry import active_rank
 
 
 @functools.cache
@@ -56,10 +56,10 @@ def install() -> None:
 
     @functools.wraps(concat)
     def distributed_concat(tensor: Any, num_total_examples: int | None = None) -> Any:
-        pipeline = active_pipeline()
+        pipeline = active_rank()
         if pipeline is None:
             return concat(tensor, num_total_examples)
-        gathered = pipeline.gather_from_last_modules(tensor)
+        gathered = pipeline.collectives.gather_from_last_modules(tensor)
         if num_total_examples is None:
             return gathered
         return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t[:num_total_examples], gathered)
@@ -69,4 +69,4 @@ def install() -> None:
 
 def _gathering(trainer: Any) -> bool:
     """Whether this rank must hand its part to the main process's save (a pipeline runs; it does not write)."""
-    return active_pipeline() is not None and not trainer.args.should_save
+    return active_rank() is not None and not trainer.args.should_save

@@ -53,9 +53,13 @@ class Method:
     def on_zero_grad(self) -> None:
         self._zeroed = True
 
-    def _discarded_last_step(self) -> bool:
-        # zero_grad() without step(): the user (or a GradScaler skipping an
-        # overflowing step) threw that step's gradients away.
+    def new_step(self) -> None:
+        """A training forward begins: forget the last step's ``step()`` / ``zero_grad()`` calls."""
+        self._stepped = self._zeroed = False
+
+    def discarded_last_step(self) -> bool:
+        """Whether ``zero_grad()`` came without ``step()`` since the last training forward: the user (or a
+        GradScaler skipping an overflowing step) threw that step's gradients away."""
         return self._zeroed and not self._stepped
 
     def state_dict(self) -> dict[str, Any]:

@@ -52,9 +52,9 @@ class StaleGradientMethod(Method):
     def begin_step(self) -> tuple[list[Grads | None], bool]:
         """Take last step's stale gradients (and whether that step was discarded); reset per-step state."""
         stale = self.stale_gradients()
-        discarded = self._discarded_last_step() and self._restored is None
+        discarded = self.discarded_last_step() and self._restored is None
         self._restored, self._leaves = None, [None] * len(self.stages)
-        self._stepped = self._zeroed = False
+        self.new_step()
         return stale, discarded
 
     def step_module(
@@ -145,9 +145,29 @@ class StaleGradientMethod(Method):
         """For each boundary i, the gradient module i+2 sent down for module i+1's output (or None)."""
         if self._restored is not None:
             return self._restored
-        if self._discarded_last_step():
+        if self.discarded_last_step():
             return [None] * (len(self.stages) - 1)
         return [None if leaves is None else grads_of(leaves) for leaves in self._leaves[1:]]
+
+    @property
+    def restored(self) -> list[Grads | None] | None:
+        """Stale gradients that arrived outside a step (from a checkpoint, or early), for the next step."""
+        return self._restored
+
+    def keep_early_gradient(self, i: int, grads: Grads | None) -> None:
+        """Module i+2's gradient for module i+1 arrived before this step began (another process sent it ahead of
+        a collective message): keep it for the next step, as a checkpoint would (None: that step was dropped)."""
+        if self._restored is not None:
+            raise RuntimeError(f"two stale gradients arrived for module {i + 1} in one step")
+        restored: list[Grads | None] = [None] * (len(self.stages) - 1)
+        restored[i] = grads
+        self._restored = restored
+        self._stepped, self._zeroed = True, False
+
+    def input_gradients(self, i: int) -> Grads:
+        """The gradients w.r.t. module i's inputs back-propagated this step (what module i sends down)."""
+        leaves = self._leaves[i]
+        return () if leaves is None else grads_of(leaves)
 
     def _check_backward_ran(self, stale: list[Grads | None]) -> None:
         for i, grads in enumerate(stale):

@@ -75,7 +75,7 @@ class _Flat(nn.Module):
         self.scalars: list[bool] = []
 
     def forward(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
-        module = self.stage._partition.current_program().stages[self.index]
+        module = self.stage.current_module()
         numbers = getattr(module, "number_inputs", ())
         inputs = tuple(v.item() if i in numbers else v for i, v in enumerate(inputs))
         return self.to_wire(self.stage(*inputs), module, remember=True)
