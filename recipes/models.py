@@ -8,13 +8,18 @@
 * ``torchvision:NAME``: ``torchvision.models.get_model(NAME, num_classes=N)``,
   randomly initialised.
 
+Each name is also a function of this module returning the 10-class model
+(``recipes.models:resnet110`` for ``python -m replay_opt.plan --model``).
+
 Blocks live in ``nn.Sequential`` stages so that ``ReplayModelWrapper`` sees each
 residual block as a unit it can cut between.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -110,3 +115,10 @@ def build_model(name: str, num_classes: int) -> nn.Module:
         n = (int(match.group(1)) - 2) // 6
         return CifarResNet(BasicBlock, [n, n, n], [16, 32, 64], num_classes)
     raise ValueError(f"unknown model {name!r}; choose one of {CIFAR_MODELS}")
+
+
+def __getattr__(name: str) -> Any:
+    """``resnet110()`` and friends: ``build_model(name, 10)`` (for ``--model recipes.models:resnet110``)."""
+    if re.fullmatch(r"resnet\d+", name):
+        return functools.partial(build_model, name, 10)
+    raise AttributeError(name)

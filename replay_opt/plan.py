@@ -1,6 +1,10 @@
 """Planner: predict the step time of K devices from a profile taken on one, and recommend K and the cut.
 
-    python -m replay_opt.plan --model resnet110 --batch-size 128 --max-modules 8 --bandwidth 25e9
+    python -m replay_opt.plan --model recipes.models:resnet110 --batch-size 128 --max-modules 8 --bandwidth 25e9
+    python -m replay_opt.plan --model path/to/hf_model_dir --batch-size 8 --seq-len 512
+
+``--model`` takes any model: ``package.module:function``, ``file.py:function``, ``torchvision:NAME``,
+``timm:NAME``, or a transformers model directory / ``config.json`` (``_model_spec.py``).
 
 Each unit of the model (see ``ReplayModelWrapper.units``) is timed forward and backward on one
 device, and the bytes that cross a cut placed after it are counted (every value alive there,
@@ -39,6 +43,7 @@ from typing import Any
 
 import torch
 
+from ._model_spec import FORMS, example_inputs, load_model
 from .cut.balance import UnitProfile, profile
 from .cut.units import min_max_cut
 
@@ -153,9 +158,10 @@ def recommend(
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Predict multi-device step times and recommend K and split points.")
-    p.add_argument("--model", default="resnet110", help="a recipes model name (resnet20, ...) or torchvision:NAME")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--input-shape", type=int, nargs="+", default=[3, 32, 32])
+    p.add_argument("--model", required=True, help=f"the model to plan: {FORMS}")
+    p.add_argument("--num-classes", type=int, default=10, help="for torchvision:NAME / timm:NAME")
+    p.add_argument("--input-shape", type=int, nargs="+", default=[3, 32, 32], help="one input, without the batch")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence, for a transformers model")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-modules", type=int, default=8)
     p.add_argument("--bandwidth", type=float, default=25e9, help="bytes/s between neighbouring devices")
@@ -168,14 +174,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    from recipes.models import build_model  # the CLI runs from the repository root
+    model = load_model(args.model, args.num_classes).to(args.device)
 
-    model = build_model(args.model, args.num_classes).to(args.device)
-    units = profile(model, (torch.randn(args.batch_size, *args.input_shape, device=args.device),))
+    def batch(size: int) -> Any:
+        return example_inputs(model, size, tuple(args.input_shape), args.seq_len)
+
+    units = profile(model, batch(args.batch_size))
     # The same units on a micro-batch and on each DDP replica's share of the batch.
     fractions = {args.microbatches, *range(2, args.max_modules + 1)}
-    smaller = {n: profile(model, (torch.randn(args.batch_size // n, *args.input_shape, device=args.device),))
-               for n in sorted(fractions) if args.batch_size // n >= 1}  # fmt: skip
+    smaller = {n: profile(model, batch(args.batch_size // n)) for n in sorted(fractions) if args.batch_size // n >= 1}
     link = Link(args.bandwidth, args.latency)
     rows = recommend(units, args.max_modules, link, args.microbatches, smaller)
     print(f"{args.model}, batch {args.batch_size}, profiled on {args.device}; link {args.bandwidth:.3g} B/s, "

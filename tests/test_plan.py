@@ -86,3 +86,51 @@ def test_profile_measures_every_unit_and_leaves_the_model_alone():
     rows = recommend(prof, max_modules=3)
     assert [r["K"] for r in rows] == [1, 2, 3] and rows[0]["fr_speedup"] == pytest.approx(1.0)
     assert all(len(r["split_points"]) == r["K"] - 1 for r in rows)
+
+
+def _main(argv, capsys):
+    from replay_opt.plan import main
+
+    main(argv)
+    return capsys.readouterr().out
+
+
+def test_the_cli_plans_a_function_of_any_module(tmp_path, capsys):
+    source = tmp_path / "my_models.py"
+    source.write_text(
+        "import torch\ndef tower():\n    return torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(4)])\n"
+    )
+    out = _main([f"--model={source}:tower", "--input-shape", "16", "--batch-size", "8", "--max-modules", "2",
+                 "--device", "cpu"], capsys)  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(rows) == 2 and "recommended: K=" in out
+    assert any(rows[1].startswith(f"| 2 | {unit} |") for unit in "123")  # K=2 cut at one of the tower's layers
+
+
+def test_the_cli_plans_a_transformers_model_directory(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    out = _main([f"--model={tmp_path / 'gpt2'}", "--batch-size", "4", "--seq-len", "16", "--max-modules", "2",
+                 "--device", "cpu"], capsys)  # fmt: skip
+    assert "recommended: K=" in out and "| 2 | transformer.h." in out
+
+
+def test_a_model_spec_without_a_form_names_the_forms():
+    from replay_opt._model_spec import load_model
+
+    with pytest.raises(ValueError, match="package.module:function"):
+        load_model("resnet110")
+
+
+def test_the_library_imports_nothing_from_recipes():
+    import ast
+    import pathlib
+
+    import replay_opt
+
+    for path in pathlib.Path(replay_opt.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "recipes" or n.startswith("recipes.") for n in names), path

@@ -87,7 +87,12 @@ def profile(
     ``example_inputs``: a tuple of positional inputs, a dict of keyword inputs, or a ``Call``.
     Units that cannot begin a module are timed together with the unit before them.
     """
-    call = example_inputs if isinstance(example_inputs, Call) else example_call(signature_of(model), example_inputs)
+    if not isinstance(example_inputs, Call):  # (no cache: a cache cannot cross a cut, and timing never reads it)
+        signature = signature_of(model)
+        if isinstance(example_inputs, dict) and signature is not None and "use_cache" in signature.parameters:
+            example_inputs = {"use_cache": False, **example_inputs}
+        example_inputs = example_call(signature, example_inputs)
+    call = example_inputs
     if units is None:
         units = candidate_units(model)
         if not isinstance(model, nn.Sequential):
