@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,7 +74,8 @@ def run(
     timeout: float = 60.0,
     train_size: int = 100,
     shuffle: bool = True,
-    end_training: bool = True,
+    ending: str = "end_training",
+    pid_dir: str | None = None,
 ) -> dict[str, Any]:
     accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision, gradient_accumulation_steps=accumulation)
     set_seed(0)
@@ -85,6 +87,8 @@ def run(
                                method=method, timeout=timeout)  # line 1  # fmt: skip
     optimizer = ReplayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model)  # line 2
     rank = accelerator.process_index
+    if pid_dir:  # (a test kills the launcher once every rank is training)
+        Path(pid_dir, f"rank{rank}.pid").write_text(str(os.getpid()))
     train_set = data(train_size + (8 if extra_batches_on_rank == rank else 0), 0)
     train_loader = DataLoader(
         train_set, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(0)
@@ -156,8 +160,10 @@ def run(
         accelerator.save_model(model, os.path.join(save_dir, "model"))
     unwrapped = accelerator.unwrap_model(model)
     weights = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
-    if end_training:
+    if ending == "end_training":
         accelerator.end_training()
+    elif ending == "destroy":
+        torch.distributed.destroy_process_group()
     return {
         "logged": logged,
         "lrs": lrs,
@@ -173,5 +179,9 @@ def run(
 if __name__ == "__main__":  # `accelerate launch tests/accelerate_script.py`: the script as users run it
     import sys
 
-    result = run(end_training="--no-end-training" not in sys.argv)
+    args = dict(arg.removeprefix("--").split("=", 1) for arg in sys.argv[1:])  # --ending=return --method=bp ...
+    result = run(
+        ending=args.get("ending", "end_training"), method=args.get("method", "fr"),
+        epochs=int(args.get("epochs", 2)), pid_dir=args.get("pid-dir"),
+    )  # fmt: skip
     print(f"logged {len(result['logged'])} losses, accuracy {result['accuracy']:.3f}")

@@ -9,6 +9,14 @@ are compared.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import accelerate_script
 import pytest
 import torch
@@ -130,18 +138,58 @@ def test_a_hung_rank_is_reported_within_the_timeout(cluster):
     assert time.monotonic() - start < 60
 
 
-def test_a_script_that_ends_without_end_training_exits_cleanly():
-    """Every rank leaves together and releases the process group at exit (no abort in interpreter teardown)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def _launch(*script_args: str, env_extra: dict[str, str] | None = None) -> subprocess.Popen:
+    """``accelerate launch`` of accelerate_script.py, two CPU processes, as a user runs it."""
     here = Path(__file__).resolve().parent
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
     env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(here), str(here.parent)]))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", "0", str(here / "accelerate_script.py"), "--no-end-training"]  # fmt: skip
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "terminate called" not in r.stderr and "logged 26 losses" in r.stdout
+           "--main_process_port", "0", str(here / "accelerate_script.py"), *script_args]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_every_rank_exits_cleanly_however_the_script_ends():
+    """end_training(), destroy_process_group() or simply returning: every rank leaves together and releases the
+    process group (no "terminate called without an active exception" abort after training), with each method
+    kind -- Features Replay, the exact bp pipeline, the library's 1F1B schedule."""
+    endings = {"end_training": "fr", "destroy": "bp", "return": "1f1b"}
+    runs = {ending: _launch(f"--ending={ending}", f"--method={method}") for ending, method in endings.items()}
+    for ending, run in runs.items():
+        out, err = run.communicate(timeout=240)
+        assert run.returncode == 0, (ending, err[-3000:])
+        assert "terminate called" not in err and "logged 26 losses" in out, (ending, err[-3000:])
+
+
+def test_the_ranks_of_a_killed_launcher_stop_within_seconds(tmp_path):
+    """kill -9 of `accelerate launch` leaves its ranks with nobody to report to: they stop, not train on."""
+    run = _launch("--epochs=100000", f"--pid-dir={tmp_path}")
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("rank*.pid"))) < 2:
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()[1][-3000:]
+            time.sleep(0.2)
+        pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
+        time.sleep(1.0)  # training
+        assert all(_alive(pid) for pid in pids)
+        os.kill(run.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while any(_alive(pid) for pid in pids) and time.monotonic() - killed < 15:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in pids), "the ranks trained on after their launcher died"
+        assert time.monotonic() - killed < 5
+    finally:
+        run.kill()
+        run.communicate()
+        for p in tmp_path.glob("rank*.pid"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(p.read_text()), signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(FileNotFoundError):  # a zombie (exited, not yet reaped) is not running
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+    return False
