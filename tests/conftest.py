@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -33,6 +34,43 @@ def batches(n: int, batch: int = 16, inputs: int = 8, classes: int = 4, last: in
         y = torch.randint(0, classes, (rows,), generator=g)
         out.append((x, y))
     return out
+
+
+class Block(nn.Module):
+    """A residual block whose skip connection lives inside forward()."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv1 = nn.Linear(width, width)
+        self.bn = nn.BatchNorm1d(width)
+        self.conv2 = nn.Linear(width, width)
+
+    def forward(self, x):
+        return F.relu(x + self.conv2(F.relu(self.bn(self.conv1(x)))))
+
+
+class ResNetish(nn.Module):
+    """Residual blocks whose skips live in forward(), and a long skip over every split point."""
+
+    def __init__(self, width: int = 16, blocks: int = 4):
+        super().__init__()
+        self.stem = nn.Linear(8, width)
+        self.layers = nn.Sequential(*[Block(width) for _ in range(blocks)])
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x):
+        h = self.stem(x)
+        skip = h  # a long skip over the split points
+        h = self.layers(h)
+        return self.head(h + skip)
+
+
+def chained(wrapper: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The wrapper's stages called one after another."""
+    values = (x,)
+    for stage in wrapper.stages[:-1]:
+        values = stage(*values)
+    return wrapper.stages[-1](*values)
 
 
 def max_param_diff(a: nn.Module, b: nn.Module) -> float:

@@ -95,7 +95,12 @@ def test_save_state_and_load_state_resume_exactly(tmp_path):
 def test_bf16_autocast_trains():
     set_seed(0)
     model = mlp()
+    dtypes = set()  # of every linear layer's output, in every module's forward and replay
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            layer.register_forward_hook(lambda mod, args, out: dtypes.add(out.dtype))
     _, losses = accelerate_run(model, 6, Accelerator(cpu=True, mixed_precision="bf16"))
+    assert dtypes == {torch.bfloat16}  # autocast was on in the forwards the wrapper ran
     assert sum(losses[-7:]) < 0.8 * sum(losses[:7])
 
 
