@@ -13,7 +13,7 @@ Contenders (the same model, global batch and K; SGD; cross-entropy):
 * ``gpipe-traced:M``, ``1f1b-traced:M``  the same, the stages made by the library's tracer frontend
                    ``pipeline()`` (an exported aten graph; not in the default set -- ask with ``--only``)
 * ``loop-gpipe:M``, ``loop-1f1b:M``  the same schedules through replay_opt's two lines and a standard loop
-                   (``method="gpipe"``/``"1f1b"``: a forward-only pass first, see replay_opt/schedules.py)
+                   (``method="gpipe"``/``"1f1b"``: a forward-only pass first, see replay_opt/multiprocess/schedules.py)
 * ``torchgpipe:M`` torchgpipe's GPipe (one process, K devices) if it is installed
 
 Each pipeline runs on the cut that balances its own device time in the planner's profile: FR's

@@ -74,7 +74,7 @@ class ReplayModelWrapper(nn.Module):
 
     Under ``accelerate launch`` / ``torchrun`` with W = K x D processes, rank r
     runs module ``r % K`` of data-parallel replica ``r // K`` (see
-    ``pipeline.py`` for what ``model(x)`` returns on the other ranks).
+    ``multiprocess/rank.py`` for what ``model(x)`` returns on the other ranks).
 
     In training mode with gradients enabled, ``wrapper(x)`` is one pipeline
     step: pair it with ``loss.backward()`` and ``ReplayOptimizer.step()``.  In

@@ -1,4 +1,4 @@
-"""method='gpipe' / '1f1b' (replay_opt/schedules.py): what is checked in one process.
+"""method='gpipe' / '1f1b' (replay_opt/multiprocess/schedules.py): what is checked in one process.
 
 Their training runs -- against plain autograd, BatchNorm and dropout included -- are in
 tests/test_distributed.py (they need one process per module)."""

@@ -12,7 +12,7 @@ belongs to both.
 Every stage is a ``StageModule``: tuple in, tuple out (the last returns the model's own
 output type, a ``ModelOutput`` with ``.loss`` and ``.logits`` for instance), inputs
 protected from in-place operations, and a variant that leaves running statistics alone for
-replays (see ``batchnorm.py``).
+replays (see ``methods/batchnorm.py``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Trainer writes checkpoints and ``save_model`` directories from the main process only: the other
 processes return from ``Trainer._save`` and skip the optimizer's state dict.  With one process per
 module the main process trains one module, and the model's and optimizer's state dicts are
-collective (every rank hands in the module it trains; see ``pipeline.py``).  So while a
+collective (every rank hands in the module it trains; see ``multiprocess/checkpoints.py``).  So while a
 ``ReplayModelWrapper`` runs one process per module, the other ranks take part in those two gathers
 and write nothing; the main process writes what one process would.  With no pipeline Trainer is
 unchanged.  Trainer averages the logged training loss with a raw ``all_gather`` over every process

@@ -10,7 +10,7 @@ BatchNorm does exactly that: batch statistics, no update, no
 
 A graph captured by torch.export calls the BatchNorm operator itself, updates included;
 its stage modules provide ``frozen_running_stats()``, which runs a variant of the graph
-whose updates go to copies (``split.py``).
+whose updates go to copies (``cut/split.py``).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ class Backprop(Method):
 
 class GPipe(Backprop):
     """Exact micro-batched pipelining with torch.distributed.pipelining's ``ScheduleGPipe``, one process per
-    module (see ``replay_opt/schedules.py``).  The multi-process pipeline runs it; ``microbatches`` is set by
+    module (see ``replay_opt/multiprocess/schedules.py``).  The multi-process pipeline runs it; ``microbatches`` is set by
     the wrapper."""
 
     name = "gpipe"
