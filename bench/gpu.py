@@ -3,7 +3,7 @@
 On a machine with one NVIDIA GPU (H100/H200 class), from the repository root, with a CUDA build of torch::
 
     pip install -e ".[recipes]" "transformers>=4.50"     # the GPT-2 sections and the LM recipe need transformers
-    python -m bench.gpu --out bench/results/gpu           # about 3-5 minutes; stops starting heavy sections at 7
+    python -m bench.gpu --out bench/results/gpu           # 2-4 minutes expected (not yet timed on a GPU)
 
 It writes ``<out>/gpu.md`` (markdown tables) and ``<out>/gpu.json`` (every figure), both headed by
 ``torch.cuda.get_device_name()`` and the torch / CUDA / transformers versions, and exits with status 1 when a
@@ -11,8 +11,8 @@ correctness check fails or cannot run (section 1, or section 2: a non-finite bf1
 
 1. **CUDA correctness** (fp32, TF32 off, deterministic cuDNN): ``method="bp"`` at K = 2 and 4 equals plain
    autograd on a copy of the same model (ResNet and GPT-2, same batches, SGD with momentum, 3 steps), and
-   ``method="fr"`` equals a naive Algorithm 1 written out by hand below (an independent copy of the reference in
-   ``tests/test_fr.py``), each to <= 1e-5 max abs weight difference.
+   ``method="fr"`` equals the tests' naive Algorithm 1, written out by hand (``tests/naive.py``), each to <= 1e-5
+   max abs weight difference.
 2. **bf16 autocast**: FR (K = 2) trains a few steps under ``torch.autocast(device_type, torch.bfloat16)``; the
    losses must be finite.
 3. **Step time**, one process, K modules on one device: the wrapper (bp, fr, ddg at K = 2, 4) against the model's
@@ -27,7 +27,8 @@ correctness check fails or cannot run (section 1, or section 2: a non-finite bf1
    this process for 200 steps; steps/s between its two evaluations.
 
 Every section is wrapped: a failure is recorded (its traceback in the JSON and the markdown) and the others
-still run.  Past ``--budget-s`` seconds (default 420) the remaining heavy sections are skipped with a note.
+still run.  Past ``--budget-s`` seconds (default 420, so the run ends within 8 minutes) the remaining heavy sections
+(and the remaining models or configurations inside sections 3-5) are skipped with a note.
 ``--quick`` shrinks everything (ResNet-20 at batch 16, 8 for memory; GPT-2 2 x 64 with 512 tokens at 4 x 32; 1 timed
 step; M <= 4; 1 CPU thread) for a smoke run: ``python -m bench.gpu --device cpu --quick --out /tmp/g`` takes
 about 35 s on 2 CPU cores.
@@ -147,7 +148,6 @@ class Task:
     """A model family: how to build it, make a batch, and compute its training loss."""
 
     name: str
-    samples_unit = "samples"
 
     def build(self) -> nn.Module:
         raise NotImplementedError
@@ -190,7 +190,6 @@ class GPT2Task(Task):
     def __init__(self, sizes: dict, vocab: int, seq: int, *, exact: bool = False) -> None:
         self.sizes, self.vocab, self.seq, self.exact = sizes, vocab, seq, exact
         self.name = f"gpt2 {sizes['n_layer']}x{sizes['n_embd']}"
-        self.samples_unit = "sequences"
 
     def build(self) -> nn.Module:
         import transformers
@@ -260,64 +259,9 @@ def max_weight_diff(a: nn.Module, b: nn.Module) -> float:
     return max((p.detach() - q.detach()).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
-# ------------------------------------------------------------- the naive Algorithm 1 (independent of replay_opt)
-# A copy of the reference in tests/test_fr.py, kept separate on purpose: explicit histories, explicit stale
-# gradients, one optimizer per module, hand-built nn.Sequential stages.
-
-
-def naive_features_replay(stages: list[nn.Module], data, make_opt) -> list[list[int]]:
-    """Algorithm 1 written out by hand. Returns, per step, the (0-based) modules that took an optimizer step."""
-    k_total = len(stages)
-    opts = [make_opt(s.parameters()) for s in stages]
-    history: list[list[torch.Tensor]] = [[] for _ in stages]  # history[k][s]: input of module k at step s
-    stale: list[torch.Tensor | None] = [None] * k_total  # stale[k]: gradient for module k's output, from step t-1
-    updated = []
-    for t, (x, y) in enumerate(data):
-        # Play: forward with the current weights, no graph; store every module's input.
-        h = x
-        with torch.no_grad():
-            for k in range(k_total - 1):
-                history[k].append(h)
-                h = stages[k](h)
-        # Gradients of every module at w^t, computed before any module updates.
-        grads: dict[int, list[torch.Tensor]] = {}
-        new_stale: list[torch.Tensor | None] = [None] * k_total
-        inp = h.detach().requires_grad_(k_total > 1)
-        loss = F.cross_entropy(stages[-1](inp), y)
-        params = list(stages[-1].parameters())
-        g = torch.autograd.grad(loss, ([inp] if k_total > 1 else []) + params)
-        if k_total > 1:
-            new_stale[k_total - 2], g = g[0], g[1:]
-        grads[k_total - 1] = list(g)
-        for k in range(k_total - 1):
-            s = t - (k_total - 1 - k)  # replay the input stored K-k steps ago (1-based k)
-            if s < 0 or stale[k] is None:
-                continue
-            inp = history[k][s].detach().requires_grad_(k > 0)
-            out = stages[k](inp)  # with the *current* weights
-            params = list(stages[k].parameters())
-            g = torch.autograd.grad(out, ([inp] if k > 0 else []) + params, grad_outputs=stale[k])
-            if k > 0:
-                new_stale[k - 1], g = g[0], g[1:]
-            grads[k] = list(g)
-        step_modules(stages, opts, grads)
-        updated.append(sorted(grads))
-        stale = new_stale
-    return updated
-
-
-def step_modules(stages: list[nn.Module], opts, grads: dict[int, list[torch.Tensor]]) -> None:
-    """Each module that has gradients this step takes its own optimizer step; the others do nothing."""
-    for k, gs in grads.items():
-        for p, gp in zip(stages[k].parameters(), gs):
-            p.grad = gp
-        opts[k].step()
-        opts[k].zero_grad()
-
-
-def sequential_stages(model: nn.Sequential, split: list[int]) -> list[nn.Sequential]:
-    bounds = [0, *split, len(model)]
-    return [nn.Sequential(*[model[j] for j in range(bounds[i], bounds[i + 1])]) for i in range(len(bounds) - 1)]
+# The tests' naive Algorithm 1 (tests/naive.py): independent of replay_opt, written out by hand.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from naive import SmallResNet, naive_features_replay, sequential_stages  # noqa: E402
 
 
 def mlp(depth: int = 6, width: int = 64, inputs: int = 32, classes: int = 10) -> nn.Sequential:
@@ -327,33 +271,6 @@ def mlp(depth: int = 6, width: int = 64, inputs: int = 32, classes: int = 10) ->
         layers += [nn.Linear(width, width), nn.Tanh()]
     layers.append(nn.Linear(width, classes))
     return nn.Sequential(*layers)
-
-
-class ConvBlock(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
-
-
-class SmallResNet(nn.Module):
-    """Not an nn.Sequential: the library traces it with torch.fx (BatchNorm and residuals across the cuts)."""
-
-    def __init__(self, c: int = 16):
-        super().__init__()
-        self.conv = nn.Conv2d(3, c, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(c)
-        self.blocks = nn.Sequential(*[ConvBlock(c) for _ in range(4)])
-        self.fc = nn.Linear(c, 5)
-
-    def forward(self, x):
-        h = self.blocks(F.relu(self.bn(self.conv(x))))
-        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
 def fr_against_naive(case: str, device: str) -> float:
@@ -373,7 +290,7 @@ def fr_against_naive(case: str, device: str) -> float:
             return torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4)
 
     else:  # the traced ResNet at K=3, as tests/test_fr.py
-        model = SmallResNet().to(device)
+        model = SmallResNet(16).to(device)
         ref = copy.deepcopy(model)
         head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), ref.fc)
         stem = [ref.conv, ref.bn, nn.ReLU()]

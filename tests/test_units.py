@@ -79,8 +79,8 @@ def test_units_are_a_sequentials_children_and_a_models_repeated_blocks():
 
 @pytest.mark.parametrize(
     ("points", "message"),
-    [(["layers.9"], "not a submodule name of ResNetish.*did you mean 'layers.3'"), (["head", "head"], "lists a name twice"),
-     (["layers", "layers.1"], "lies inside split point 'layers'")],
+    [(["layers.9"], "not a submodule name of ResNetish.*did you mean 'layers.3'"),
+     (["head", "head"], "lists a name twice"), (["layers", "layers.1"], "lies inside split point 'layers'")],
 )  # fmt: skip
 def test_bad_split_point_names_name_the_fix(points, message):
     with pytest.raises(ValueError, match=message):

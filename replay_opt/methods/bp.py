@@ -25,8 +25,8 @@ class Backprop(Method):
 
 class GPipe(Backprop):
     """Exact micro-batched pipelining with torch.distributed.pipelining's ``ScheduleGPipe``, one process per
-    module (see ``replay_opt/multiprocess/schedules.py``).  The multi-process pipeline runs it; ``microbatches`` is set by
-    the wrapper."""
+    module (see ``replay_opt/multiprocess/schedules.py``).  The multi-process pipeline runs it; ``microbatches``
+    is set by the wrapper."""
 
     name = "gpipe"
     microbatches = 1
