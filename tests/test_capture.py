@@ -57,3 +57,28 @@ def test_use_cache_is_turned_off_through_the_cut_only():
     assert wrapper(torch.randn(2, 4))["past_key_values"] is None
     with torch.no_grad():
         assert isinstance(wrapper(torch.randn(2, 4))["past_key_values"], cache_utils.DynamicCache)
+
+
+def test_a_program_belongs_to_one_autocast_state_and_the_example_inputs_capture_is_reused():
+    """torch.export bakes autocast's casts into the graph: a bf16 step gets its own program, and an fp32 step
+    after it the fp32 one. The capture made from ``example_inputs`` (with the defaults of a transformers config,
+    ``use_cache=True``) is the one the training forwards use."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 32, (2, 8))
+    wrapper = ReplayModelWrapper(model, num_modules=2, example_inputs={"input_ids": ids, "labels": ids})
+    opt = ReplayOptimizer(torch.optim.SGD(wrapper.parameters(), lr=0.1), wrapper)
+    (captured,) = wrapper.partition.programs()
+    programs = []
+    for bf16 in (False, True, False):
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = wrapper(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        programs.append(wrapper.partition.current)
+        assert torch.isfinite(loss)
+    assert programs[0] is programs[2] is captured  # the example inputs' capture
+    assert programs[1] is not programs[0] and len(wrapper.partition.programs()) == 2

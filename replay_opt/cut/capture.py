@@ -68,11 +68,12 @@ class Call:
         self.tensors = tuple(v for v in self.leaves if isinstance(v, torch.Tensor))
 
     def key(self, training: bool) -> Hashable:
-        """What every graph depends on: the mode, the structure, which leaves are tensors, the other values.
+        """What every graph depends on: the mode, the autocast state (torch.export records the casts), the
+        structure, which leaves are tensors, the other values.
 
         (An exported graph also depends on the tensors' dtypes, ranks, devices and shapes: ``Program.fits``.)
         """
-        return (training, str(self.spec), tuple(_describe(v) for v in self.leaves))
+        return (training, autocast_state(), str(self.spec), tuple(_describe(v) for v in self.leaves))
 
     def with_tensors(self, tensors: tuple[Any, ...]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``(args, kwargs)`` of this call with its tensors replaced, in order, by ``tensors``."""
@@ -98,6 +99,13 @@ class Call:
             elif value is not None:
                 parts.append(f"{name}={value!r}"[:60])
         return ", ".join(parts)
+
+
+def autocast_state() -> tuple[Any, ...]:
+    """The autocast dtype per device type where autocast is on (a captured graph bakes the casts in)."""
+    return tuple(
+        (device, torch.get_autocast_dtype(device)) for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)
+    )
 
 
 def as_call(example: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
