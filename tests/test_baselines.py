@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import batches, bn_dropout_net, max_param_diff, mlp
-from test_fr import sequential_stages, step_modules
+from naive import sequential_stages, step_modules
 from torch import nn
 
 from replay_opt import ReplayModelWrapper, ReplayOptimizer

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import batches, max_param_diff, mlp
-from test_fr import naive_features_replay, run_library, sequential_stages
+from naive import naive_features_replay, sequential_stages
+from test_fr import run_library
 from torch import nn
 from torch.func import functional_call
 

@@ -269,7 +269,8 @@ def test_in_place_operations_at_a_cut(method):
 def test_in_place_at_a_cut_keeps_replays_exact():
     """ReLU(inplace=True) right after the cut must not alter the stored input that is replayed."""
     from conftest import batches, max_param_diff, mlp
-    from test_fr import OPTIMIZERS, naive_features_replay, sequential_stages
+    from naive import naive_features_replay, sequential_stages
+    from test_fr import OPTIMIZERS
 
     torch.manual_seed(0)
     model = mlp(depth=4)
