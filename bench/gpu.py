@@ -29,9 +29,9 @@ correctness check fails or cannot run (section 1, or section 2: a non-finite bf1
 Every section is wrapped: a failure is recorded (its traceback in the JSON and the markdown) and the others
 still run.  Past ``--budget-s`` seconds (default 420, so the run ends within 8 minutes) the remaining heavy sections
 (and the remaining models or configurations inside sections 3-5) are skipped with a note.
-``--quick`` shrinks everything (ResNet-20 at batch 16, 8 for memory; GPT-2 2 x 64 with 512 tokens at 4 x 32; 1 timed
-step; M <= 4; 1 CPU thread) for a smoke run: ``python -m bench.gpu --device cpu --quick --out /tmp/g`` takes
-about 35 s on 2 CPU cores.
+``--quick`` shrinks everything (K = 2 only; ResNet-8 at batch 16, 8 for memory; GPT-2 2 x 64 with 512 tokens at
+4 x 32; 1 timed step; M <= 4; 1 CPU thread) for a smoke run:
+``python -m bench.gpu --device cpu --quick --out /tmp/g`` takes about 25 s on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ class Settings:
             return cls(device=device, quick=False)
         tiny = {"n_layer": 2, "n_embd": 64, "n_head": 2}
         return cls(
-            device=device, quick=True, resnet="resnet20", resnet_batch=16, memory_batch=8, gpt=tiny, gpt_batch=4,
-            gpt_seq=32, check_gpt=tiny, check_resnet_batch=8, check_gpt_batch=2, check_gpt_seq=32, vocab=512,
+            device=device, quick=True, resnet="resnet8", resnet_batch=16, memory_batch=8, gpt=tiny, gpt_batch=4,
+            ks=(2,), gpt_seq=32, check_gpt=tiny, check_resnet_batch=8, check_gpt_batch=2, check_gpt_seq=32, vocab=512,
             rounds=2, steps=1, bf16_steps=3, microbatches=(1, 2, 4),
             lm={"batch_size": 4, "block_size": 32, "eval_every": 3, "steps": 6},
         )  # fmt: skip

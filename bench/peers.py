@@ -14,6 +14,11 @@ Contenders (the same model, global batch and K; SGD; cross-entropy):
                    ``pipeline()`` (an exported aten graph; not in the default set -- ask with ``--only``)
 * ``loop-gpipe:M``, ``loop-1f1b:M``  the same schedules through replay_opt's two lines and a standard loop
                    (``method="gpipe"``/``"1f1b"``: a forward-only pass first, see replay_opt/multiprocess/schedules.py)
+* ``i1f1b:M``, ``izb:M``  ScheduleInterleaved1F1B / ScheduleInterleavedZeroBubble: two stages per rank,
+                   interleaved (rank r holds stages r and r+K of 2K)
+* ``zbv:M``, ``dualpipev:M``  ScheduleZBVZeroBubble / ScheduleDualPipeV: two stages per rank in a V (rank r
+                   holds stages r and 2K-1-r); the zero-bubble schedules split each backward into input- and
+                   weight-gradient passes that fill the bubble
 * ``torchgpipe:M`` torchgpipe's GPipe (one process, K devices) if it is installed
 
 Each pipeline runs on the cut that balances its own device time in the planner's profile: FR's
@@ -54,6 +59,7 @@ ONE_PROCESS = {"bp", "torchgpipe"}
 def contenders(k: int, microbatches: Sequence[int]) -> list[str]:
     out = ["bp", "ddp", "mp", "fr", "ddg"]
     out += [f"{s}:{m}" for s in ("gpipe", "1f1b", "loop-gpipe", "loop-1f1b") for m in microbatches]
+    out += [f"{s}:{m}" for s in MULTI_STAGE for m in microbatches if m >= 2 * k]  # (they need M >= 2K)
     return [*out, *(f"torchgpipe:{m}" for m in microbatches)]
 
 
@@ -214,6 +220,42 @@ def step_schedule(model, x, y, device, splits, args) -> Callable[[], None]:
     return step
 
 
+# Schedules with two stages per rank: the model cut into 2K stages, placed as each schedule needs --
+# interleaved (rank r: stages r and r+K) or in a V (rank r: stages r and 2K-1-r, so rank 0 holds the first
+# and the last stage).  The zero-bubble ones split each backward into input- and weight-gradient passes.
+MULTI_STAGE = {"i1f1b": ("ScheduleInterleaved1F1B", "loop"), "izb": ("ScheduleInterleavedZeroBubble", "loop"),
+               "zbv": ("ScheduleZBVZeroBubble", "v"), "dualpipev": ("ScheduleDualPipeV", "v")}  # fmt: skip
+
+
+def stages_of_rank(rank: int, world: int, style: str) -> list[int]:
+    """The stage indices rank ``rank`` holds, of 2 x ``world`` stages, in the schedule's placement."""
+    return [rank, rank + world] if style == "loop" else [rank, 2 * world - 1 - rank]
+
+
+def step_multi_stage(model, x, y, device, splits, args) -> Callable[[], None]:
+    from torch.distributed import pipelining
+
+    kind, m = args.contender.split(":")
+    cls_name, style = MULTI_STAGE[kind]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    pieces = _stages(model, splits)  # 2K eager stages
+    if len(pieces) != 2 * world:
+        raise ValueError(f"{kind} needs {2 * world} stages, got {len(pieces)}")
+    mine = stages_of_rank(rank, world, style)
+    stages = [pipelining.PipelineStage(pieces[i].to(device), i, 2 * world, device) for i in mine]
+    schedule = getattr(pipelining, cls_name)(stages, n_microbatches=int(m), loss_fn=F.cross_entropy)
+    opt = _sgd([p for s in stages for p in s.submod.parameters()])
+    x, y = x.to(device), y.to(device)
+    first, last = 0 in mine, 2 * world - 1 in mine
+
+    def step() -> None:
+        schedule.step(*((x,) if first else ()), **({"target": y} if last else {}))
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
 def step_torchgpipe(model, x, y, device, splits, args) -> Callable[[], None]:
     from torchgpipe import GPipe
 
@@ -243,7 +285,7 @@ def _named_units(model: torch.nn.Module) -> tuple[list[str], list[torch.nn.Modul
 
 STEPS = {"bp": step_bp, "ddp": step_ddp, "mp": step_replay, "fr": step_replay, "ddg": step_replay,
          "gpipe": step_schedule, "1f1b": step_schedule, "gpipe-traced": step_schedule, "1f1b-traced": step_schedule,
-         "torchgpipe": step_torchgpipe,
+         "torchgpipe": step_torchgpipe, **dict.fromkeys(MULTI_STAGE, step_multi_stage),
          "loop-gpipe": step_replay, "loop-1f1b": step_replay}  # fmt: skip
 
 
@@ -251,9 +293,11 @@ STEPS = {"bp": step_bp, "ddp": step_ddp, "mp": step_replay, "fr": step_replay, "
 
 
 def predict(units: Sequence[Any], starts: list[int], link: Any, name: str, k: int, smaller: Any) -> float:
-    from replay_opt.plan import simulate
+    from replay_opt.plan import simulate, simulate_two_per_rank
 
     kind, _, m = name.partition(":")
+    if kind in MULTI_STAGE:  # (``starts``: the cut into 2K stages)
+        return simulate_two_per_rank(units, starts, link, microbatches=int(m), smaller=smaller)[kind]
     times = simulate(units, starts, link, microbatches=int(m) if m else 1, replicas=k, smaller=smaller)
     kinds = {"bp": "one_device", "mp": "bp", "torchgpipe": "gpipe", "gpipe-traced": "gpipe", "1f1b-traced": "1f1b",
              "loop-gpipe": "gpipe_loop", "loop-1f1b": "gpipe_loop"}  # fmt: skip
@@ -312,14 +356,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Each contender on the cut that balances its own device time (the link is measured next): FR's
     # module 1 also replays; every other pipeline balances forward + backward.
     cuts = {"fr": best_fr_cut(units, k, Link(1e12, 0.0)),
-            "others": balanced_starts([u.forward_s + u.backward_s for u in units], k)}  # fmt: skip
+            "others": balanced_starts([u.forward_s + u.backward_s for u in units], k),
+            "two per rank": balanced_starts([u.forward_s + u.backward_s for u in units], 2 * k)}  # fmt: skip
     boundary = max(units[i - 1].output_bytes for starts in cuts.values() for i in starts)
     measured_link = launch("bench.peers", [*common, "--contender", "link", "--bytes", str(boundary)], 2, 1, "link")
     link = Link(measured_link["bandwidth"], measured_link["latency"])
     splits = {key: ",".join(names[i] for i in starts) for key, starts in cuts.items()}
 
     def cut_of(name: str) -> str:
-        return "fr" if name == "fr" else "others"
+        return "fr" if name == "fr" else "two per rank" if name.split(":")[0] in MULTI_STAGE else "others"
 
     names_run = args.only or contenders(k, args.microbatches)
     if any(n.startswith("torchgpipe") for n in names_run) and not _importable("torchgpipe"):

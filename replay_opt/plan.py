@@ -115,6 +115,58 @@ def simulate(
     }
 
 
+TWO_PER_RANK = {"i1f1b": "loop", "izb": "loop", "zbv": "v", "dualpipev": "v"}
+
+
+def simulate_two_per_rank(
+    units: Sequence[UnitProfile],
+    starts: Sequence[int],
+    link: Link = DEFAULT_LINK,
+    microbatches: int = 4,
+    smaller: Mapping[int, Sequence[UnitProfile]] | None = None,
+) -> dict[str, float]:
+    """Predicted seconds per step of the schedules that hold two stages per rank, for a cut into 2K stages
+    (``starts``: 2K-1 indices) on K ranks.
+
+    Per micro-batch, rank r runs forward F_r and backward B_r + W_r over its two stages (the zero-bubble
+    schedules split the backward into the input-gradient pass B and the weight-gradient pass W; taken equal,
+    half the profiled backward each, as the Zero Bubble paper measures them), each including the messages it
+    sends to another rank.  With S = max_r (F_r + B_r + W_r), F, B, W of the slowest rank and M micro-batches:
+
+    * ``i1f1b``  interleaved 1F1B (Narayanan et al., 2021), rank r holds stages r and r+K:
+      M S + (K-1) S / 2 -- the 1F1B bubble, (K-1) S, shrunk by the two chunks per rank;
+    * ``izb``    interleaved zero bubble: M S + (K-1) max(F + B - W, 0) / 2 -- ZB-H1's bubble (Qi et al., 2024)
+      shrunk likewise;
+    * ``zbv``    ZB-V, stages r and 2K-1-r in a V: M S + (K-1) max(F + B - 2W, 0) / 2 -- ZB-H2's bubble on
+      half-size chunks;
+    * ``dualpipev``  DualPipeV (DeepSeek-V3's DualPipe folded into a V): M S + (K-1) max(F + 2B - 3W, 0) / 2
+      -- DualPipe's bubble with no overlap of one chunk's forward and another's backward (F&B = F + B).
+    """
+    k2 = len(starts) + 1
+    if k2 % 2:
+        raise ValueError(f"two stages per rank need an even number of stages, got {k2}")
+    k, m = k2 // 2, microbatches
+    smaller = smaller or {}
+    mods = _modules(units, starts)
+    micro = _modules(smaller[m], starts) if m in smaller else [(f / m, b / m, n / m) for f, b, n in mods]
+    out: dict[str, float] = {}
+    for name, style in TWO_PER_RANK.items():
+        rank_of = [i % k if style == "loop" else min(i, k2 - 1 - i) for i in range(k2)]
+        forward, backward = [0.0] * k, [0.0] * k  # per rank, per micro-batch, with the messages it sends
+        for i, (f, b, nbytes) in enumerate(micro):
+            sends_up = i < k2 - 1 and rank_of[i + 1] != rank_of[i]
+            sends_down = i > 0 and rank_of[i - 1] != rank_of[i]
+            forward[rank_of[i]] += f + (link.time(nbytes) if sends_up else 0.0)
+            backward[rank_of[i]] += b + (link.time(micro[i - 1][2]) if sends_down else 0.0)
+        r = max(range(k), key=lambda r: forward[r] + backward[r])
+        f, b, w = forward[r], backward[r] / 2, backward[r] / 2
+        s = f + b + w
+        bubble = {"i1f1b": s, "izb": max(f + b - w, 0.0), "zbv": max(f + b - 2 * w, 0.0),
+                  "dualpipev": max(f + 2 * b - 3 * w, 0.0)}[name]  # fmt: skip
+        out[name] = m * s + (k - 1) * bubble / 2
+    return out
+
+
 def best_fr_cut(units: Sequence[UnitProfile], k: int, link: Link = DEFAULT_LINK) -> list[int]:
     """Start indices of modules 2..K minimising the predicted FR step (exact DP over contiguous cuts)."""
     n = len(units)

@@ -36,7 +36,7 @@ def test_quick_cpu_run_writes_every_section(tmp_path):
     assert {r["check"] for r in correctness["rows"]} == {"bp == plain autograd", "fr == naive Algorithm 1"}
     assert all(r["finite"] for r in report["sections"]["bf16"]["rows"])
     step = report["sections"]["step_time"]["rows"]
-    assert {r["config"] for r in step} >= {"plain (no wrapper)", "fr K=2", "ddg K=4"}
+    assert {r["config"] for r in step} >= {"plain (no wrapper)", "bp K=2", "fr K=2", "ddg K=2"}
     assert all(r["step_s"] > 0 and r["ratio_to_plain"] > 0 for r in step)
     memory = report["sections"]["memory"]["rows"]
     assert {r["method"] for r in memory} == {"plain", "bp", "fr", "ddg", "dni", "dgl"}

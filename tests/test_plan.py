@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import mlp
 
-from replay_opt.plan import Link, UnitProfile, best_fr_cut, profile, recommend, simulate
+from replay_opt.plan import Link, UnitProfile, best_fr_cut, profile, recommend, simulate, simulate_two_per_rank
 
 
 def units(spec):
@@ -134,3 +134,30 @@ def test_the_library_imports_nothing_from_recipes():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n == "recipes" or n.startswith("recipes.") for n in names), path
+
+
+def test_two_stages_per_rank_formulas():
+    # Four stages on K=2 ranks. Per micro-batch (M=2 halves the full-batch times): forward f, backward b.
+    us = units([(2.0, 4.0, 100), (4.0, 8.0, 200), (2.0, 2.0, 300), (2.0, 6.0, 400)])
+    link = Link(bandwidth=100.0, latency=0.5)
+    t = simulate_two_per_rank(us, [1, 2, 3], link, microbatches=2)
+    f = [1.0, 2.0, 1.0, 1.0]
+    b = [2.0, 4.0, 1.0, 3.0]
+    c = [0.5 + 50 / 100, 0.5 + 100 / 100, 0.5 + 150 / 100]  # a micro-batch's message after stages 0, 1, 2
+
+    def expected(ranks, bubble_of):
+        fr = [sum(f[i] + (c[i] if i < 3 and ranks[i + 1] != ranks[i] else 0) for i in range(4) if ranks[i] == r)
+              for r in (0, 1)]  # fmt: skip
+        br = [sum(b[i] + (c[i - 1] if i > 0 and ranks[i - 1] != ranks[i] else 0) for i in range(4) if ranks[i] == r)
+              for r in (0, 1)]  # fmt: skip
+        r = max((0, 1), key=lambda r: fr[r] + br[r])
+        s = fr[r] + br[r]
+        return 2 * s + (2 - 1) * bubble_of(fr[r], br[r] / 2, br[r] / 2, s) / 2
+
+    loop, v = [0, 1, 0, 1], [0, 1, 1, 0]  # interleaved: rank r holds r, r+K; V: r, 2K-1-r
+    assert t["i1f1b"] == pytest.approx(expected(loop, lambda f_, b_, w_, s: s))
+    assert t["izb"] == pytest.approx(expected(loop, lambda f_, b_, w_, s: max(f_ + b_ - w_, 0)))
+    assert t["zbv"] == pytest.approx(expected(v, lambda f_, b_, w_, s: max(f_ + b_ - 2 * w_, 0)))
+    assert t["dualpipev"] == pytest.approx(expected(v, lambda f_, b_, w_, s: max(f_ + 2 * b_ - 3 * w_, 0)))
+    with pytest.raises(ValueError, match="even number of stages"):
+        simulate_two_per_rank(us[:3], [1, 2], link)
