@@ -79,13 +79,9 @@ def worker(args: argparse.Namespace) -> None:
     if args.contender == "link":
         print(json.dumps(measure_link(args.bytes, device)))
         return
-    from recipes.models import build_model
-
     torch.manual_seed(0)
-    model = build_model(args.model, 10)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch_size, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (args.batch_size,), generator=g)
+    model = build(args.model)
+    x, y = example_batch(args.model, args.batch_size, torch.Generator().manual_seed(1))
     splits = args.split_points.split(",")
     step = STEPS[args.contender.split(":")[0]](model, x, y, device, splits, args)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -145,6 +141,59 @@ def measure_link(nbytes: int, device: torch.device) -> dict[str, float]:
     return {"latency": latency, "bandwidth": bandwidth}
 
 
+# --------------------------------------------------------------------------- the models
+
+LM_MODELS = {"gpt2-lm": "gpt2-tiny"}  # a name here -> the LM recipe's config (recipes/causal_lm.py)
+LM_VOCAB, LM_SEQ = 512, 64
+
+
+class Logits(torch.nn.Module):
+    """A causal LM as a function of its token ids: the logits (every contender calls the model alike)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids).logits
+
+
+class _Embed(torch.nn.Module):
+    def __init__(self, gpt: torch.nn.Module) -> None:
+        super().__init__()
+        self.wte, self.wpe, self.drop = gpt.wte, gpt.wpe, gpt.drop
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device)))
+
+
+def build(name: str) -> torch.nn.Module:
+    """The recipes' CIFAR ResNets (``resnet56``, ``torchvision:NAME``) or the LM recipe's GPT-2 (``gpt2-lm``)."""
+    if name in LM_MODELS:
+        from recipes.causal_lm import build as build_lm
+
+        return Logits(build_lm(LM_MODELS[name], LM_VOCAB, LM_SEQ))
+    from recipes.models import build_model
+
+    return build_model(name, 10)
+
+
+def example_batch(name: str, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets): 32x32 images and classes, or token ids and the next tokens."""
+    if name in LM_MODELS:
+        ids = torch.randint(0, LM_VOCAB, (size, LM_SEQ + 1), generator=generator)
+        return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    return torch.randn(size, 3, 32, 32, generator=generator), torch.randint(0, 10, (size,), generator=generator)
+
+
+def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return _lm_loss if name in LM_MODELS else F.cross_entropy
+
+
 def _sgd(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.01, momentum=0.9)
 
@@ -156,7 +205,7 @@ def step_bp(model, x, y, device, splits, args) -> Callable[[], None]:
     opt = _sgd(model.parameters())
 
     def step() -> None:
-        F.cross_entropy(model(x), y).backward()
+        loss_fn(args.model)(model(x), y).backward()
         opt.step()
         opt.zero_grad()
 
@@ -184,7 +233,7 @@ def step_replay(model, x, y, device, splits, args) -> Callable[[], None]:
     x, y = x.to(device), y.to(device)
 
     def step() -> None:
-        F.cross_entropy(wrapper(x), y).backward()  # rank 0 runs the last module: the real loss
+        loss_fn(args.model)(wrapper(x), y).backward()  # rank 0 runs the last module: the real loss
         opt.step()
         opt.zero_grad()
 
@@ -203,7 +252,7 @@ def step_schedule(model, x, y, device, splits, args) -> Callable[[], None]:
     else:  # stages built by hand from the model's own modules (eager, as torchtitan does)
         stage = PipelineStage(_stages(model, splits)[rank].to(device), rank, world, device)
     schedule = (ScheduleGPipe if kind.startswith("gpipe") else Schedule1F1B)(stage, n_microbatches=m,
-                                                                            loss_fn=F.cross_entropy)  # fmt: skip
+                                                                            loss_fn=loss_fn(args.model))  # fmt: skip
     opt = _sgd(stage.submod.parameters())
     x, y = x.to(device), y.to(device)
 
@@ -243,7 +292,7 @@ def step_multi_stage(model, x, y, device, splits, args) -> Callable[[], None]:
         raise ValueError(f"{kind} needs {2 * world} stages, got {len(pieces)}")
     mine = stages_of_rank(rank, world, style)
     stages = [pipelining.PipelineStage(pieces[i].to(device), i, 2 * world, device) for i in mine]
-    schedule = getattr(pipelining, cls_name)(stages, n_microbatches=int(m), loss_fn=F.cross_entropy)
+    schedule = getattr(pipelining, cls_name)(stages, n_microbatches=int(m), loss_fn=loss_fn(args.model))
     opt = _sgd([p for s in stages for p in s.submod.parameters()])
     x, y = x.to(device), y.to(device)
     first, last = 0 in mine, 2 * world - 1 in mine
@@ -276,7 +325,14 @@ def _stages(model: torch.nn.Module, splits: Sequence[str]) -> list[torch.nn.Sequ
 
 
 def _named_units(model: torch.nn.Module) -> tuple[list[str], list[torch.nn.Module]]:
-    """The recipes' CIFAR ResNet as its units in order, named as the planner's profile names them."""
+    """The model as its units in order, named as the planner's profile names them: the recipes' CIFAR ResNet,
+    or the language model (embeddings, blocks, final norm + head)."""
+    if isinstance(model, Logits):
+        gpt = model.model.transformer
+        named = [("model.transformer.wte", _Embed(gpt)),
+                 *((f"model.transformer.h.{i}", block) for i, block in enumerate(gpt.h)),
+                 ("model.transformer.ln_f", torch.nn.Sequential(gpt.ln_f, model.model.lm_head))]  # fmt: skip
+        return [n for n, _ in named], [module for _, module in named]
     blocks = [(f"layers.{i}.{j}", block) for i, stage in enumerate(model.layers) for j, block in enumerate(stage)]
     head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(1), model.fc)
     named = [("conv1", model.conv1), ("bn1", torch.nn.Sequential(model.bn1, torch.nn.ReLU())), *blocks, ("fc", head)]
@@ -336,7 +392,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.worker:
         worker(args)
         return
-    from recipes.models import build_model
     from replay_opt.cut.balance import profile
     from replay_opt.cut.units import balanced_starts
     from replay_opt.plan import Link, best_fr_cut
@@ -344,10 +399,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     k = args.modules
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = build_model(args.model, 10).to(args.device)
+    model = build(args.model).to(args.device)
 
     def profile_at(batch: int) -> list[Any]:
-        return profile(model, (torch.randn(batch, 3, 32, 32, device=args.device),), repeats=5)
+        x, _ = example_batch(args.model, batch, torch.Generator().manual_seed(1))
+        return profile(model, (x.to(args.device),), repeats=5)
 
     units = profile_at(args.batch_size)
     names = [u.name for u in units]
@@ -355,9 +411,12 @@ def main(argv: Sequence[str] | None = None) -> None:
               "--warmup", str(args.warmup), "--device", args.device]  # fmt: skip
     # Each contender on the cut that balances its own device time (the link is measured next): FR's
     # module 1 also replays; every other pipeline balances forward + backward.
-    cuts = {"fr": best_fr_cut(units, k, Link(1e12, 0.0)),
-            "others": balanced_starts([u.forward_s + u.backward_s for u in units], k),
-            "two per rank": balanced_starts([u.forward_s + u.backward_s for u in units], 2 * k)}  # fmt: skip
+    # (The hand-built stages begin at their own units only: blocks, say, not inside the embeddings.)
+    hand = set(_named_units(model)[0])
+    allowed = [u.name in hand for u in units]
+    work = [u.forward_s + u.backward_s for u in units]
+    cuts = {"fr": best_fr_cut(units, k, Link(1e12, 0.0)), "others": balanced_starts(work, k, allowed),
+            "two per rank": balanced_starts(work, 2 * k, allowed)}  # fmt: skip
     boundary = max(units[i - 1].output_bytes for starts in cuts.values() for i in starts)
     measured_link = launch("bench.peers", [*common, "--contender", "link", "--bytes", str(boundary)], 2, 1, "link")
     link = Link(measured_link["bandwidth"], measured_link["latency"])

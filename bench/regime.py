@@ -1,0 +1,90 @@
+"""The regime map: where Features Replay is the fastest way to train on K devices, measured and predicted.
+
+    python -m bench.regime --models resnet56 gpt2-lm --batch-sizes 16 32 64 128 --out bench/results/regime
+
+For each model and batch size, one ``bench.peers`` run (its contenders side by side, interleaved rounds,
+each on its own balanced cut, K=2) writes its rows to ``<out>/<model>_b<batch>.json``; this script reads
+them back and, per cell, names the measured fastest contender, the fastest among those whose busiest rank
+holds no more memory than FR's, and the planner's predicted fastest -- and how often the planner agrees.
+``--from-json`` rebuilds the table from earlier runs without measuring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+CONTENDERS = ["bp", "ddp", "fr", "ddg", "gpipe:4", "1f1b:2", "1f1b:4", "i1f1b:4", "zbv:4", "dualpipev:4"]
+
+
+def run_cell(model: str, batch: int, out: Path, args: argparse.Namespace) -> Path:
+    path = out / f"{model}_b{batch}.json"
+    cmd = [sys.executable, "-m", "bench.peers", "--model", model, "--batch-size", str(batch), "--modules",
+           str(args.modules), "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", str(args.rounds),
+           "--only", *args.contenders, "--json", str(path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    (out / f"{model}_b{batch}.log").write_text(done.stdout + done.stderr)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr[-2000:]}")
+    return path
+
+
+def cell(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest contender measured, the fastest at FR's memory or less, the fastest predicted."""
+    ok = [r for r in rows if "failed" not in r and r["name"] != "bp"]
+    fr = next(r for r in ok if r["name"] == "fr")
+    fr_peak = max(fr["peak_mib"])
+    fastest = max(ok, key=lambda r: r["samples_per_s"])
+    within = [r for r in ok if max(r["peak_mib"]) <= fr_peak * 1.05]  # (5 %: the CPU figure is coarse)
+    fastest_within = max(within, key=lambda r: r["samples_per_s"])
+    predicted = max(ok, key=lambda r: r["predicted_samples_per_s"])
+    return {
+        "fastest": fastest["name"], "fastest_ratio": fastest["ratio"], "fr_ratio": fr["ratio"],
+        "fastest_at_fr_memory": fastest_within["name"], "predicted": predicted["name"],
+        "agree": predicted["name"] == fastest["name"],
+        "failed": [r["name"] for r in rows if "failed" in r],
+    }  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["resnet56", "gpt2-lm"])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
+    p.add_argument("--modules", type=int, default=2)
+    p.add_argument("--contenders", nargs="+", default=CONTENDERS)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", default="bench/results/regime")
+    p.add_argument("--from-json", action="store_true", help="tabulate earlier runs in --out without measuring")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["| model | batch | measured fastest (x BP) | FR (x BP) | fastest at FR's memory | planner's choice |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    cells = []
+    for model in args.models:
+        for batch in args.batch_sizes:
+            path = out / f"{model}_b{batch}.json"
+            if not args.from_json:
+                run_cell(model, batch, out, args)
+            c = cell(json.loads(path.read_text())["rows"])
+            cells.append({"model": model, "batch": batch, **c})
+            mark = "" if c["agree"] else " (differs)"
+            lines.append(f"| {model} | {batch} | {c['fastest']} ({c['fastest_ratio']:.2f}) | {c['fr_ratio']:.2f} | "
+                         f"{c['fastest_at_fr_memory']} | {c['predicted']}{mark} |")  # fmt: skip
+            print(lines[-1], flush=True)
+    agree = sum(c["agree"] for c in cells)
+    lines.append(f"\nThe planner names the measured fastest in {agree} of {len(cells)} cells.")
+    (out / "regime.md").write_text("\n".join(lines) + "\n")
+    (out / "regime.json").write_text(json.dumps(cells, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
