@@ -45,7 +45,7 @@ import torch
 
 from ._model_spec import FORMS, example_inputs, load_model
 from .cut.balance import UnitProfile, profile
-from .cut.units import min_max_cut
+from .cut.units import balanced_starts, min_max_cut
 
 
 @dataclass
@@ -185,6 +185,9 @@ def best_fr_cut(units: Sequence[UnitProfile], k: int, link: Link = DEFAULT_LINK)
     return min_max_cut(n, k, cost)
 
 
+CHOICES = ("ddp", "gpipe", "1f1b", *TWO_PER_RANK, "ddg", "fr")  # what a user can train with on K devices
+
+
 def recommend(
     units: Sequence[UnitProfile],
     max_modules: int,
@@ -192,17 +195,26 @@ def recommend(
     microbatches: int = 4,
     smaller: Mapping[int, Sequence[UnitProfile]] | None = None,
 ) -> list[dict[str, Any]]:
-    """For each K, the best FR cut and the predicted step time of every schedule at that cut."""
+    """For each K, the best FR cut, the predicted step time of every schedule (each on its own balanced cut:
+    FR's, forward + backward's for the others, 2K stages for those with two per rank), and the fastest."""
     rows = []
+    work = [u.forward_s + u.backward_s for u in units]
     for k in range(1, min(max_modules, len(units)) + 1):
         starts = best_fr_cut(units, k, link)
         times = simulate(units, starts, link, microbatches, smaller=smaller)
+        even = simulate(units, balanced_starts(work, k), link, microbatches, smaller=smaller)
+        times.update({name: even[name] for name in ("bp", "gpipe", "1f1b", "gpipe_loop", "ddg")})
+        if k > 1 and 2 * k <= len(units) and microbatches >= 2 * k:
+            times.update(simulate_two_per_rank(units, balanced_starts(work, 2 * k), link, microbatches, smaller))
+        fastest = min((c for c in CHOICES if c in times), key=lambda c: times[c]) if k > 1 else "one_device"
         rows.append(
             {
                 "K": k,
                 "split_points": [units[i].name for i in starts],
                 **{f"{name}_s": t for name, t in times.items()},
                 "fr_speedup": times["one_device"] / times["fr"],
+                "fastest": fastest,
+                "fastest_speedup": times["one_device"] / times[fastest],
             }
         )
     return rows
@@ -239,16 +251,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = recommend(units, args.max_modules, link, args.microbatches, smaller)
     print(f"{args.model}, batch {args.batch_size}, profiled on {args.device}; link {args.bandwidth:.3g} B/s, "
           f"{args.latency:.1e} s; GPipe with {args.microbatches} micro-batches; seconds per step")  # fmt: skip
-    print("| K | FR split points | 1 device | DDP | BP | GPipe/1F1B | DDG | FR | FR speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    columns = ["one_device", "ddp", "bp", "gpipe", *TWO_PER_RANK, "ddg", "fr"]
+    print(f"| K | FR split points | {' | '.join(columns)} | FR speed-up | fastest (speed-up) |")
+    print("|---|---|" + "---|" * (len(columns) + 2))
     for r in rows:
-        print(
-            f"| {r['K']} | {', '.join(r['split_points']) or '-'} | {r['one_device_s']:.4f} | {r['ddp_s']:.4f} | "
-            f"{r['bp_s']:.4f} | {r['gpipe_s']:.4f} | {r['ddg_s']:.4f} | {r['fr_s']:.4f} | {r['fr_speedup']:.2f}x |"
-        )
+        cells = " | ".join(f"{r[c + '_s']:.4f}" if c + "_s" in r else "-" for c in columns)
+        print(f"| {r['K']} | {', '.join(r['split_points']) or '-'} | {cells} | {r['fr_speedup']:.2f}x | "
+              f"{r['fastest']} ({r['fastest_speedup']:.2f}x) |")  # fmt: skip
     best = min(rows, key=lambda r: r["fr_s"])
     good = next(r for r in rows if r["fr_s"] <= 1.05 * best["fr_s"])
-    print(f"recommended: K={good['K']}, split_points={good['split_points']} (within 5% of the best predicted step)")
+    print(f"FR: K={good['K']}, split_points={good['split_points']} (within 5% of FR's best predicted step)")
+    top = min(rows, key=lambda r: r[r["fastest"] + "_s"])
+    verdict = "Features Replay" if top["fastest"] == "fr" else top["fastest"]
+    print(f"recommended: {verdict} on K={top['K']} devices, predicted {top['fastest_speedup']:.2f}x one device "
+          "(memory is not modelled: DDP keeps the whole model and optimizer on every device; GPipe/1F1B keep "
+          "micro-batches' activations; FR about one device's)")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"units": [asdict(u) for u in units], "rows": rows}, f, indent=2)

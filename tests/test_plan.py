@@ -103,7 +103,7 @@ def test_the_cli_plans_a_function_of_any_module(tmp_path, capsys):
     out = _main([f"--model={source}:tower", "--input-shape", "16", "--batch-size", "8", "--max-modules", "2",
                  "--device", "cpu"], capsys)  # fmt: skip
     rows = [line for line in out.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
-    assert len(rows) == 2 and "recommended: K=" in out
+    assert len(rows) == 2 and "FR: K=" in out and "recommended: " in out
     assert any(rows[1].startswith(f"| 2 | {unit} |") for unit in "123")  # K=2 cut at one of the tower's layers
 
 
@@ -113,7 +113,7 @@ def test_the_cli_plans_a_transformers_model_directory(tmp_path, capsys):
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
     out = _main([f"--model={tmp_path / 'gpt2'}", "--batch-size", "4", "--seq-len", "16", "--max-modules", "2",
                  "--device", "cpu"], capsys)  # fmt: skip
-    assert "recommended: K=" in out and "| 2 | transformer.h." in out
+    assert "FR: K=" in out and "recommended: " in out and "| 2 | transformer.h." in out
 
 
 def test_a_model_spec_without_a_form_names_the_forms():
@@ -161,3 +161,20 @@ def test_two_stages_per_rank_formulas():
     assert t["dualpipev"] == pytest.approx(expected(v, lambda f_, b_, w_, s: max(f_ + 2 * b_ - 3 * w_, 0)))
     with pytest.raises(ValueError, match="even number of stages"):
         simulate_two_per_rank(us[:3], [1, 2], link)
+
+
+def test_recommend_names_the_fastest_prediction_among_what_a_user_can_run():
+    from replay_opt.plan import CHOICES
+
+    # Heavy units with large parameters (DDP's all-reduce is costly) and light activations: a pipeline wins.
+    us = [UnitProfile(f"u{i}", 1.0, 2.0, 10, 10**9) for i in range(8)]
+    rows = recommend(us, 4, Link(bandwidth=1e9, latency=1e-4), microbatches=8)
+    for r in rows[1:]:
+        times = {c: r[c + "_s"] for c in CHOICES if c + "_s" in r}
+        assert r["fastest"] == min(times, key=times.get) and r["fastest"] != "ddp"
+        assert r["fastest_speedup"] == pytest.approx(r["one_device_s"] / times[r["fastest"]])
+    assert {"i1f1b_s", "zbv_s", "dualpipev_s"} <= set(rows[3])  # 2K = 8 stages, M = 8 micro-batches
+    assert "zbv_s" not in recommend(us, 4, microbatches=4)[3]  # they need M >= 2K
+    # Tiny parameters, a slow link between stages, big activations: DDP wins.
+    us = [UnitProfile(f"u{i}", 1.0, 2.0, 10**10, 10) for i in range(8)]
+    assert recommend(us, 2, Link(bandwidth=1e9, latency=1e-4))[1]["fastest"] == "ddp"
