@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import itertools
 import json
 import os
@@ -103,11 +104,17 @@ def worker(args: argparse.Namespace) -> None:
     if world > 1:
         ranks = [None] * world
         dist.all_gather_object(ranks, mine)
-        dist.destroy_process_group()
     if rank == 0:
         slowest = max(r["elapsed"] for r in ranks)
         print(json.dumps({"samples_per_s": args.steps * args.batch_size / slowest,
-                          "peak_bytes": [r["peak_bytes"] for r in ranks]}))  # fmt: skip
+                          "peak_bytes": [r["peak_bytes"] for r in ranks]}), flush=True)  # fmt: skip
+    if world > 1:
+        # Leave together: drop the schedule (and any send work it still holds) and let every rank get here
+        # before the process group goes (a group torn down under pending gloo sends can abort the process).
+        del step
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _rss_bytes() -> int:
@@ -143,7 +150,9 @@ def measure_link(nbytes: int, device: torch.device) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- the models
 
-LM_MODELS = {"gpt2-lm": "gpt2-tiny"}  # a name here -> the LM recipe's config (recipes/causal_lm.py)
+# A name here -> the LM recipe's config (recipes/causal_lm.py); "-untied": its own output matrix (no weight shared
+# by the first and the last module, so no exchange of that weight's gradient at every optimizer step).
+LM_MODELS = {"gpt2-lm": "gpt2-tiny", "gpt2-lm-untied": "gpt2-tiny"}
 LM_VOCAB, LM_SEQ = 512, 64
 
 
@@ -172,7 +181,11 @@ def build(name: str) -> torch.nn.Module:
     if name in LM_MODELS:
         from recipes.causal_lm import build as build_lm
 
-        return Logits(build_lm(LM_MODELS[name], LM_VOCAB, LM_SEQ))
+        model = build_lm(LM_MODELS[name], LM_VOCAB, LM_SEQ)
+        if name.endswith("-untied"):
+            model.config.tie_word_embeddings = False
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        return Logits(model)
     from recipes.models import build_model
 
     return build_model(name, 10)

@@ -43,7 +43,16 @@ def cell(rows: list[dict[str, Any]]) -> dict[str, Any]:
     within = [r for r in ok if max(r["peak_mib"]) <= fr_peak * 1.05]  # (5 %: the CPU figure is coarse)
     fastest_within = max(within, key=lambda r: r["samples_per_s"])
     predicted = max(ok, key=lambda r: r["predicted_samples_per_s"])
+
+    def best(names: set[str]) -> str:
+        group = [r for r in ok if r["name"].split(":")[0] in names]
+        top = max(group, key=lambda r: r["ratio"], default=None)
+        return "-" if top is None else f"{top['name']} {top['ratio']:.2f}"
+
+    ratio = {r["name"]: r["ratio"] for r in ok}
     return {
+        "ddp_ratio": ratio.get("ddp"), "ddg_ratio": ratio.get("ddg"),
+        "best_one_stage": best({"gpipe", "1f1b"}), "best_two_stage": best({"i1f1b", "izb", "zbv", "dualpipev"}),
         "fastest": fastest["name"], "fastest_ratio": fastest["ratio"], "fr_ratio": fr["ratio"],
         "fastest_at_fr_memory": fastest_within["name"], "predicted": predicted["name"],
         "agree": predicted["name"] == fastest["name"],
@@ -65,8 +74,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["| model | batch | measured fastest (x BP) | FR (x BP) | fastest at FR's memory | planner's choice |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| model | batch | FR | DDP | DDG | best GPipe/1F1B | best two-stage | measured fastest | fastest at FR's "
+             "memory | planner's choice |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     cells = []
     for model in args.models:
         for batch in args.batch_sizes:
@@ -76,11 +85,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             c = cell(json.loads(path.read_text())["rows"])
             cells.append({"model": model, "batch": batch, **c})
             mark = "" if c["agree"] else " (differs)"
-            lines.append(f"| {model} | {batch} | {c['fastest']} ({c['fastest_ratio']:.2f}) | {c['fr_ratio']:.2f} | "
+            lines.append(f"| {model} | {batch} | {c['fr_ratio']:.2f} | {c['ddp_ratio']:.2f} | {c['ddg_ratio']:.2f} | "
+                         f"{c['best_one_stage']} | {c['best_two_stage']} | **{c['fastest']}** | "
                          f"{c['fastest_at_fr_memory']} | {c['predicted']}{mark} |")  # fmt: skip
             print(lines[-1], flush=True)
     agree = sum(c["agree"] for c in cells)
-    lines.append(f"\nThe planner names the measured fastest in {agree} of {len(cells)} cells.")
+    lines.append(f"\nRatios to one-device BP. The planner names the measured fastest in {agree} of {len(cells)} cells.")
     (out / "regime.md").write_text("\n".join(lines) + "\n")
     (out / "regime.json").write_text(json.dumps(cells, indent=2))
     print("\n".join(lines))
