@@ -100,12 +100,16 @@ def measure(rounds: int, ks: Sequence[int]) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--modules", type=int, nargs="+", default=[2, 4])
     p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = measure(args.rounds, args.modules)
     print(f"one device (CPU, {args.threads} thread), median of {args.rounds} interleaved rounds; ratios to the model's "

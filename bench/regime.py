@@ -60,7 +60,7 @@ def cell(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["resnet56", "gpt2-lm"])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
@@ -71,7 +71,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default="bench/results/regime")
     p.add_argument("--from-json", action="store_true", help="tabulate earlier runs in --out without measuring")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["| model | batch | FR | DDP | DDG | best GPipe/1F1B | best two-stage | measured fastest | fastest at FR's "
