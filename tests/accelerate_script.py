@@ -142,7 +142,7 @@ def run(
             lrs.append(optimizer.param_groups[0]["lr"])
             step += 1
         if hang_rank == rank:
-            time.sleep(3 * timeout)
+            time.sleep(2 * timeout)  # (past the others' timeout: they report it)
         accelerator.wait_for_everyone()
     correct = total = 0
     model.eval()

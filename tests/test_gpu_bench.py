@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -15,14 +14,23 @@ ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("correctness", "bf16", "step_time", "memory", "microbatch", "lm_recipe")
 
 
-@pytest.mark.slow  # (about 30 s: one subprocess running every section at toy sizes)
-def test_quick_cpu_run_writes_every_section(tmp_path):
+@pytest.mark.slow  # (about 20 s: every section at toy sizes, in this process)
+def test_quick_cpu_run_writes_every_section(tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState, GradientState
+
+    import bench.gpu
+
     out = tmp_path / "gpu"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.gpu", "--device", "cpu", "--quick", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    monkeypatch.chdir(ROOT)  # (as `python -m bench.gpu` from the repository root; it runs the LM recipe)
+    threads = torch.get_num_threads()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        assert bench.gpu.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
     report = json.loads((out / "gpu.json").read_text())
     text = (out / "gpu.md").read_text()
     assert report["environment"]["device_name"] == "cpu" and report["environment"]["torch"]
