@@ -19,6 +19,7 @@ inputs per module.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ class FeaturesReplay(StaleGradientMethod):
         # module replays what it plays, so it keeps nothing between steps.
         self.histories = [History(k - i) for i in range(k - 1)]
 
-    def advance(self, i: int, x: Values) -> tuple[Values, tuple[Values, Values] | None]:
+    def advance(self, i: int, x: Values) -> tuple[Values, Callable[[], tuple[Values, Values]] | None]:
         stage = self.stages[i]
         rng = RngState.capture(stage.device)
         with torch.no_grad():
@@ -48,10 +49,15 @@ class FeaturesReplay(StaleGradientMethod):
         oldest = self.histories[i].push(Entry(x, rng, stage.program))
         if oldest is None:
             return played, None
-        inputs = as_leaves(oldest.inputs) if i > 0 else oldest.inputs  # nobody needs the data's gradient
-        with oldest.rng.restored(), stage.using(oldest.program), frozen_running_stats(stage.train), self.meter.stage(i):
-            replayed = stage.train(*inputs)  # replay: input of step t-(K-k), weights w^t
-        return played, (replayed, inputs)
+
+        def replay() -> tuple[Values, Values]:  # (called once the played activations are handed on)
+            inputs = as_leaves(oldest.inputs) if i > 0 else oldest.inputs  # nobody needs the data's gradient
+            with oldest.rng.restored(), stage.using(oldest.program), frozen_running_stats(stage.train), \
+                    self.meter.stage(i):  # fmt: skip
+                replayed = stage.train(*inputs)  # replay: input of step t-(K-k), weights w^t
+            return replayed, inputs
+
+        return played, replay
 
     def due_next_step(self, i: int) -> bool:
         return len(self.histories[i]) == self.histories[i].capacity - 1

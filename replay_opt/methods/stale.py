@@ -11,6 +11,7 @@ back-propagated this step are next step's stale gradients, one per boundary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,12 +41,14 @@ class StaleGradientMethod(Method):
         self._updated = [False] * k
         self._scale: torch.Tensor | None = None  # GradScaler scale the stale gradients carry
 
-    def advance(self, i: int, x: Values) -> tuple[Values, tuple[Values, Values] | None]:
+    def advance(self, i: int, x: Values) -> tuple[Values, tuple[Values, Values] | Callable[[], Any] | None]:
         """Run module i (< K) on this step's input ``x`` (already on its device).
 
         Returns the input for module i+1 (no graph) and, once module i's pipeline is
         full, ``(outputs, inputs)`` of the older batch whose stale gradient arrives now:
-        outputs with a graph to back-propagate, inputs as leaves (for i > 0).
+        outputs with a graph to back-propagate, inputs as leaves (for i > 0) -- or a
+        function computing them (FR's replay), called after the input for module i+1 is
+        handed on, so that module i+1, in another process, need not wait for it.
         """
         raise NotImplementedError
 
@@ -82,7 +85,7 @@ class StaleGradientMethod(Method):
             return x
         if stale is None:  # the pipeline is refilling after a discarded step
             return x
-        out, leaves = due
+        out, leaves = due() if callable(due) else due
         if len(out) != len(stale):
             raise RuntimeError(f"module {i + 1} returned {len(out)} values but received {len(stale)} gradients")
         device = self.stages[i].device
