@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..methods.base import as_leaves
 from ..methods.batchnorm import frozen_running_stats
 from ..methods.history import RngState
+from .placeholders import named_tensors
 
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
 _CACHED = 4  # schedules kept per input shape (a smaller last batch, another sequence length)
@@ -103,8 +104,8 @@ class _Flat(nn.Module):
             return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).requires_grad_(t.requires_grad)
 
         def run(module: nn.Module, x: tuple[Any, ...]) -> Any:
-            named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
-            return functional_call(module, {n: fake(t) for n, t in named}, x, strict=False, tie_weights=False)
+            state = {n: fake(t) for n, t in named_tensors(module)}
+            return functional_call(module, state, x, strict=False, tie_weights=False)
 
         with torch.random.fork_rng(devices=[]), FakeTensorMode(allow_non_fake_inputs=True):
             x = tuple(fake(v) if isinstance(v, torch.Tensor) else v for v in inputs)
