@@ -18,7 +18,16 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
-from .capture import Call, Graph, capture, example_call, signature_of, training_mode
+from .capture import (
+    Call,
+    Graph,
+    as_call,
+    capture,
+    signature_of,
+    training_mode,
+    use_cache_position,
+    without_cache,
+)  # fmt: skip
 from .split import is_sequential_split, split_graph, split_sequential, units_in_order
 from .units import balanced_starts, candidate_units
 
@@ -87,12 +96,12 @@ def profile(
     ``example_inputs``: a tuple of positional inputs, a dict of keyword inputs, or a ``Call``.
     Units that cannot begin a module are timed together with the unit before them.
     """
-    if not isinstance(example_inputs, Call):  # (no cache: a cache cannot cross a cut, and timing never reads it)
+    if isinstance(example_inputs, Call):
+        call = example_inputs
+    else:
         signature = signature_of(model)
-        if isinstance(example_inputs, dict) and signature is not None and "use_cache" in signature.parameters:
-            example_inputs = {"use_cache": False, **example_inputs}
-        example_inputs = example_call(signature, example_inputs)
-    call = example_inputs
+        args, kwargs = as_call(example_inputs)
+        call = Call(signature, args, without_cache(use_cache_position(signature), args, kwargs))
     if units is None:
         units = candidate_units(model)
         if not isinstance(model, nn.Sequential):

@@ -108,6 +108,21 @@ def autocast_state() -> tuple[Any, ...]:
     )
 
 
+def use_cache_position(signature: inspect.Signature | None) -> int | None:
+    """Where ``forward`` takes ``use_cache`` (transformers models), or None."""
+    names = list(signature.parameters) if signature is not None else []
+    return names.index("use_cache") if "use_cache" in names else None
+
+
+def without_cache(position: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``use_cache=False`` where ``forward`` takes ``use_cache`` at ``position`` (see
+    ``use_cache_position``): a cache is not a tensor that can cross a cut, and running the model through the cut
+    (training, evaluating, timing its units) never reads it.  Unchanged when the call gives it positionally."""
+    if position is None or position < len(args) or kwargs.get("use_cache") is False:
+        return kwargs
+    return {**kwargs, "use_cache": False}
+
+
 def as_call(example: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """``(args, kwargs)`` from example inputs: a tuple of positional inputs, a dict of keyword inputs, or one tensor."""
     if isinstance(example, dict):

@@ -30,7 +30,18 @@ import torch
 from torch import nn
 
 from .balance import choose_split_points
-from .capture import TRACERS, Call, CaptureError, Graph, as_call, capture, example_call, signature_of
+from .capture import (
+    TRACERS,
+    Call,
+    CaptureError,
+    Graph,
+    as_call,
+    capture,
+    example_call,
+    signature_of,
+    use_cache_position,
+    without_cache,
+)  # fmt: skip
 from .split import StageModule, is_sequential_split, split_graph, split_sequential, units_in_order
 from .units import candidate_units, check_names
 
@@ -153,8 +164,7 @@ class Partition:
         self._fixed: Program | None = None  # the one program of a Sequential / K=1
         self._example = example_inputs
         self._warned_cache = False
-        names = list(self.signature.parameters) if self.signature is not None else []
-        self._use_cache_at = names.index("use_cache") if "use_cache" in names else None  # its position in forward
+        self._use_cache_at = use_cache_position(self.signature)  # found once, not per forward
         if split_points is not None:
             check_names(model, split_points)
         elif num_modules > len(self.units):
@@ -230,14 +240,13 @@ class Partition:
         return call
 
     def _without_cache(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        if self._use_cache_at is None or self._use_cache_at < len(args) or kwargs.get("use_cache") is False:
-            return kwargs  # not an argument, given positionally, or already off
-        if kwargs.get("use_cache") and not self._warned_cache:
+        off = without_cache(self._use_cache_at, args, kwargs)
+        if off is not kwargs and kwargs.get("use_cache") and not self._warned_cache:
             logger.warning(
                 "use_cache=True ignored: a ReplayModelWrapper runs the model through its cut without a cache"
             )
             self._warned_cache = True
-        return {**kwargs, "use_cache": False}
+        return off
 
     @contextlib.contextmanager
     def using(self, program: Program | None) -> Iterator[None]:
