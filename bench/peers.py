@@ -46,6 +46,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -497,8 +498,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     if args.json:
         with open(args.json, "w") as f:
+            # (the profiles and cuts too: ``bench.regime --from-json`` predicts again from them with today's planner)
             json.dump({"link": measured_link, "split_points": splits["fr"], "split_points_others": splits["others"],
-                       "rows": rows, "kendall_tau": tau}, f, indent=2)  # fmt: skip
+                       "rows": rows, "kendall_tau": tau, "batch_size": args.batch_size, "modules": k,
+                       "cuts": cuts, "units": [asdict(u) for u in units],
+                       "smaller": {n: [asdict(u) for u in us] for n, us in smaller.items()}}, f, indent=2)  # fmt: skip
 
 
 def _importable(name: str) -> bool:

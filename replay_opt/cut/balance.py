@@ -39,6 +39,7 @@ class UnitProfile:
     backward_s: float
     output_bytes: int  # what crosses a cut placed right after this unit
     params: int
+    tied: tuple[int, ...] = ()  # the other units that share a parameter with this one (a tied embedding)
 
 
 def choose_split_points(
@@ -120,6 +121,7 @@ def profile(
     state = {k: v.clone() for k, v in model.state_dict().items()}
     grads = {p: p.grad for p in model.parameters()}
     out_profiles = []
+    owners: dict[int, set[int]] = {}  # parameter id -> the units using it
     try:
         with training_mode(model, True), torch.random.fork_rng(devices=[]):
             x: tuple[Any, ...] = call.tensors
@@ -146,10 +148,14 @@ def profile(
                         bwd.append(t2 - t1)
                 crossing = sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
                 params = sum(p.numel() for p in stage.parameters())
+                for p in stage.parameters():
+                    owners.setdefault(id(p), set()).add(len(out_profiles))
                 out_profiles.append(UnitProfile(name, min(fwd), min(bwd), crossing, params))
                 x = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in values)
     finally:
         model.load_state_dict(state)
         for p, g in grads.items():
             p.grad = g
+    for i, u in enumerate(out_profiles):
+        u.tied = tuple(sorted({j for units_ in owners.values() if i in units_ for j in units_} - {i}))
     return out_profiles
