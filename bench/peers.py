@@ -374,6 +374,36 @@ def predict(units: Sequence[Any], starts: list[int], link: Any, name: str, k: in
     return times[kinds.get(kind, kind)]
 
 
+def cut_of(name: str) -> str:
+    """Which cut a contender runs on: FR's own, the 2K stages of the two-per-rank schedules, or forward + backward's."""
+    return "fr" if name == "fr" else "two per rank" if name.split(":")[0] in MULTI_STAGE else "others"
+
+
+def predicted_ratios(names: Sequence[str], batch: int, units: Any, cuts: dict[str, list[int]], link: Any, k: int,
+                     smaller: Any) -> dict[str, tuple[float, float]]:  # fmt: skip
+    """Each contender's predicted samples/s and its ratio to one-device BP's."""
+    base = batch / predict(units, cuts["fr"], link, "bp", k, smaller)
+    out = {}
+    for name in names:
+        speed = batch / predict(units, cuts[cut_of(name)], link, name, k, smaller)
+        out[name] = (speed, speed / base)
+    return out
+
+
+def predicted_again(data: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """``predicted_ratios`` from what a ``--json`` file kept (profiles, cuts, link): today's planner on that cell."""
+    from replay_opt.plan import Link, UnitProfile, calibrated
+
+    def profiles(rows: list[dict[str, Any]]) -> list[Any]:
+        return [UnitProfile(**{**u, "tied": tuple(u.get("tied", ()))}) for u in rows]
+
+    by_n = calibrated({1: profiles(data["units"]), **{int(n): profiles(us) for n, us in data["smaller"].items()}},
+                      {int(n): s for n, s in data.get("end_to_end", {}).items()})  # fmt: skip
+    link = Link(data["link"]["bandwidth"], data["link"]["latency"])
+    names = [r["name"] for r in data["rows"]]
+    return predicted_ratios(names, data["batch_size"], by_n.pop(1), data["cuts"], link, data["modules"], by_n)
+
+
 def kendall(a: Sequence[float], b: Sequence[float]) -> tuple[float, list[tuple[int, int]]]:
     """Kendall's tau between two orderings, and the pairs they order differently."""
     pairs = [(i, j) for i in range(len(a)) for j in range(i + 1, len(a))]
@@ -406,18 +436,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.worker:
         worker(args)
         return
-    from replay_opt.cut.balance import profile
+    from replay_opt.cut.balance import profile, step_seconds
     from replay_opt.cut.units import balanced_starts
-    from replay_opt.plan import Link, best_fr_cut
+    from replay_opt.plan import Link, best_fr_cut, calibrated
 
     k = args.modules
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build(args.model).to(args.device)
 
+    def example_at(batch: int) -> tuple[torch.Tensor]:
+        return (example_batch(args.model, batch, torch.Generator().manual_seed(1))[0].to(args.device),)
+
     def profile_at(batch: int) -> list[Any]:
-        x, _ = example_batch(args.model, batch, torch.Generator().manual_seed(1))
-        return profile(model, (x.to(args.device),), repeats=5)
+        return profile(model, example_at(batch), repeats=5)
 
     units = profile_at(args.batch_size)
     names = [u.name for u in units]
@@ -436,9 +468,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     link = Link(measured_link["bandwidth"], measured_link["latency"])
     splits = {key: ",".join(names[i] for i in starts) for key, starts in cuts.items()}
 
-    def cut_of(name: str) -> str:
-        return "fr" if name == "fr" else "two per rank" if name.split(":")[0] in MULTI_STAGE else "others"
-
     names_run = args.only or contenders(k, args.microbatches)
     if any(n.startswith("torchgpipe") for n in names_run) and not _importable("torchgpipe"):
         print("torchgpipe is not installed (pip install torchgpipe): left out")
@@ -446,6 +475,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # What a micro-batch and a DDP replica's share really cost (the planner scales by 1/n without these).
     fractions = {k, *(int(n.split(":")[1]) for n in names_run if ":" in n)}
     smaller = {n: profile_at(args.batch_size // n) for n in sorted(fractions) if args.batch_size // n >= 1}
+    # ... each scaled to the whole model's step on its batch, timed end to end (``replay_opt.plan.calibrated``).
+    seconds = step_seconds(model, {n: example_at(args.batch_size // n) for n in [1, *smaller]})
+    profiles = calibrated({1: units, **smaller}, seconds)
     samples: dict[str, list[float]] = {n: [] for n in names_run}
     peaks: dict[str, list[int]] = {}
     failed: dict[str, str] = {}
@@ -463,16 +495,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             samples[name].append(out["samples_per_s"])
             peaks[name] = out["peak_bytes"]
     base = statistics.median(samples["bp"]) if samples.get("bp") else float("nan")
-    predicted_base = args.batch_size / predict(units, cuts["fr"], link, "bp", k, smaller)
+    predicted = predicted_ratios(names_run, args.batch_size, profiles[1], cuts, link, k,
+                                 {n: us for n, us in profiles.items() if n > 1})  # fmt: skip
     rows = []
     for name in names_run:
         if name in failed:
             rows.append({"name": name, "failed": failed[name]})
             continue
         got = statistics.median(samples[name])
-        predicted = args.batch_size / predict(units, cuts[cut_of(name)], link, name, k, smaller)
-        rows.append({"name": name, "samples_per_s": got, "ratio": got / base, "predicted_samples_per_s": predicted,
-                     "predicted_ratio": predicted / predicted_base,
+        rows.append({"name": name, "samples_per_s": got, "ratio": got / base,
+                     "predicted_samples_per_s": predicted[name][0], "predicted_ratio": predicted[name][1],
                      "peak_mib": [p / 2**20 for p in peaks[name]], "rounds": samples[name]})  # fmt: skip
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(
@@ -502,7 +534,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             json.dump({"link": measured_link, "split_points": splits["fr"], "split_points_others": splits["others"],
                        "rows": rows, "kendall_tau": tau, "batch_size": args.batch_size, "modules": k,
                        "cuts": cuts, "units": [asdict(u) for u in units],
-                       "smaller": {n: [asdict(u) for u in us] for n, us in smaller.items()}}, f, indent=2)  # fmt: skip
+                       "smaller": {n: [asdict(u) for u in us] for n, us in smaller.items()},
+                       "end_to_end": seconds}, f, indent=2)  # fmt: skip
 
 
 def _importable(name: str) -> bool:

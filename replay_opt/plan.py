@@ -26,7 +26,11 @@ boundary transfer time c_k = latency + bytes_k / bandwidth, one training step ta
   (module k < K plays and replays; the last module only plays)
 
 The last two are steady-state throughput bounds: in a step every device does its own work and
-sends its activations on (c_K = 0), and nobody waits for anybody else's backward pass.
+sends its activations on (c_K = 0), and nobody waits for anybody else's backward pass -- unless
+two modules share a parameter (a tied embedding: the first and the last module).  Their gradients
+are summed at every ``optimizer.step()``, so the first module's next forward waits for this step's
+forwards of every module up to the last and the last module's backward: the step then takes at
+least F_1 + c_1 + ... + F_K + B_K + the exchange (``tied_chain``).
 ``recommend`` picks, for each K, the cut that minimises the predicted FR step (exact dynamic
 programming) and reports the speed-up over one device.  docs/benchmarks.md compares these
 predictions with measurements on this machine.
@@ -37,14 +41,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 
 from ._model_spec import FORMS, example_inputs, load_model
-from .cut.balance import UnitProfile, profile
+from .cut.balance import UnitProfile, profile, step_seconds
+
+__all__ = ["Link", "UnitProfile", "best_fr_cut", "calibrated", "profile", "recommend", "simulate",
+           "simulate_two_per_rank", "step_seconds", "tied_chain", "tied_modules"]
 from .cut.units import balanced_starts, min_max_cut
 
 
@@ -72,6 +80,56 @@ def _modules(units: Sequence[UnitProfile], starts: Sequence[int]) -> list[tuple[
     ]
 
 
+def tied_modules(units: Sequence[UnitProfile], starts: Sequence[int]) -> dict[tuple[int, int], int]:
+    """The pairs of modules (a < b) that share parameters under this cut, and how many bytes of gradient
+    they exchange at every optimizer step (fp32)."""
+    bounds = [0, *starts, len(units)]
+    module_of = [m for m, (a, b) in enumerate(itertools.pairwise(bounds)) for _ in range(a, b)]
+    pairs: dict[tuple[int, int], int] = {}
+    for i, u in enumerate(units):
+        for j in getattr(u, "tied", ()):
+            a, b = module_of[i], module_of[j]
+            if a < b:
+                pairs[(a, b)] = max(pairs.get((a, b), 0), 4 * u.tied_params)
+    return pairs
+
+
+def tied_chain(
+    mods: Sequence[tuple[float, float, int]], pairs: Mapping[tuple[int, int], int], link: Link, replay: bool
+) -> float:
+    """The longest path of one step through a tied weight, with one process per module (FR, DDG).
+
+    Modules a < b sharing a parameter sum its gradient at every ``optimizer.step()``, so module a's next
+    forward waits for module b's backward of this step, which waits for this step's forwards of modules
+    a..b: F_a + c_a + ... + F_b (+ F_b again for FR's replay, unless b is the last module, which only plays)
+    + B_b + the exchange.  Without shared parameters no such path exists: a step then takes the busiest
+    module's own work."""
+    chain = 0.0
+    last = len(mods) - 1
+    for (a, b), nbytes in pairs.items():
+        forward = sum(mods[k][0] for k in range(a, b + 1))
+        sends = sum(link.time(mods[k][2]) for k in range(a, b))
+        replayed = mods[b][0] if replay and b < last else 0.0
+        chain = max(chain, forward + sends + replayed + mods[b][1] + link.time(nbytes))
+    return chain
+
+
+def calibrated(
+    profiles: Mapping[int, Sequence[UnitProfile]], seconds: Mapping[int, float]
+) -> dict[int, list[UnitProfile]]:
+    """Each profile (by batch fraction n) scaled so that its units add up to the whole model's step timed end to
+    end on that batch (``step_seconds``): the units give the shape, the whole step the scale.  Units timed one by
+    one, each run again on caches it has just warmed, misjudge how one batch size compares with another -- on
+    this project's CPU a micro-batch of 32 looked 16 % cheaper per sample than a batch of 128, and ran no
+    cheaper -- which decides between micro-batched schedules and the rest."""
+    out = {}
+    for n, units in profiles.items():
+        total = sum(u.forward_s + u.backward_s for u in units)
+        f = seconds[n] / total if n in seconds and total > 0 else 1.0
+        out[n] = [replace(u, forward_s=u.forward_s * f, backward_s=u.backward_s * f) for u in units]
+    return out
+
+
 def simulate(
     units: Sequence[UnitProfile],
     starts: Sequence[int],
@@ -88,6 +146,7 @@ def simulate(
     batch's time).  Without a profile for n, a unit on 1/n of the batch takes 1/n of its time.
     """
     mods = _modules(units, starts)
+    pairs = tied_modules(units, starts)
     d = replicas or len(mods)
     m = microbatches
     smaller = smaller or {}
@@ -110,8 +169,8 @@ def simulate(
         "gpipe": gpipe,
         "1f1b": gpipe,
         "gpipe_loop": forward_pass + gpipe,  # method="gpipe"/"1f1b": a forward-only pass, then the schedule
-        "ddg": max(f + b + c for (f, b, _), c in zip(mods, out)),
-        "fr": max(w + c for w, c in zip(fr_work, out)),
+        "ddg": max(max(f + b + c for (f, b, _), c in zip(mods, out)), tied_chain(mods, pairs, link, replay=False)),
+        "fr": max(max(w + c for w, c in zip(fr_work, out)), tied_chain(mods, pairs, link, replay=True)),
     }
 
 
@@ -167,11 +226,18 @@ def simulate_two_per_rank(
     return out
 
 
+TIED_SEARCH_LIMIT = 20_000  # cuts tried one by one when a tied weight makes the step more than the busiest module
+
+
 def best_fr_cut(units: Sequence[UnitProfile], k: int, link: Link = DEFAULT_LINK) -> list[int]:
-    """Start indices of modules 2..K minimising the predicted FR step (exact DP over contiguous cuts)."""
+    """Start indices of modules 2..K minimising the predicted FR step: exact DP over contiguous cuts; with
+    shared parameters (whose ``tied_chain`` the DP cannot see) every cut, where there are few enough."""
     n = len(units)
     if not 1 <= k <= n:
         raise ValueError(f"cannot cut {n} units into {k} modules")
+    if k > 1 and any(u.tied for u in units) and math.comb(n - 1, k - 1) <= TIED_SEARCH_LIMIT:
+        cuts = itertools.combinations(range(1, n), k - 1)
+        return list(min(cuts, key=lambda c: simulate(units, list(c), link, microbatches=1)["fr"]))
     f = [0.0]
     b = [0.0]
     for u in units:
@@ -243,10 +309,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     def batch(size: int) -> Any:
         return example_inputs(model, size, tuple(args.input_shape), args.seq_len)
 
-    units = profile(model, batch(args.batch_size))
-    # The same units on a micro-batch and on each DDP replica's share of the batch.
-    fractions = {args.microbatches, *range(2, args.max_modules + 1)}
-    smaller = {n: profile(model, batch(args.batch_size // n)) for n in sorted(fractions) if args.batch_size // n >= 1}
+    # The units on the batch, on a micro-batch and on each DDP replica's share of the batch; each scaled to the
+    # whole model's step on that batch, timed end to end.
+    fractions = [1, *sorted({args.microbatches, *range(2, args.max_modules + 1)})]
+    examples = {n: batch(args.batch_size // n) for n in fractions if args.batch_size // n >= 1}
+    profiles = calibrated({n: profile(model, x) for n, x in examples.items()}, step_seconds(model, examples))
+    units, smaller = profiles.pop(1), profiles
     link = Link(args.bandwidth, args.latency)
     rows = recommend(units, args.max_modules, link, args.microbatches, smaller)
     print(f"{args.model}, batch {args.batch_size}, profiled on {args.device}; link {args.bandwidth:.3g} B/s, "

@@ -182,3 +182,84 @@ def test_recommend_names_the_fastest_prediction_among_what_a_user_can_run():
     # Tiny parameters, a slow link between stages, big activations: DDP wins.
     us = [UnitProfile(f"u{i}", 1.0, 2.0, 10**10, 10) for i in range(8)]
     assert recommend(us, 2, Link(bandwidth=1e9, latency=1e-4))[1]["fastest"] == "ddp"
+
+
+def test_a_tied_weight_makes_fr_and_ddg_wait_for_the_last_modules_backward():
+    # u0 and u3 share a 10-element parameter (a tied embedding and head); modules [u0, u1], [u2], [u3].
+    us = units([(1.0, 2.0, 100), (2.0, 4.0, 200), (3.0, 5.0, 300), (1.0, 3.0, 400)])
+    us[0].tied, us[0].tied_params = (3,), 10
+    us[3].tied, us[3].tied_params = (0,), 10
+    link = Link(bandwidth=100.0, latency=0.5)
+    c = [0.5 + 200 / 100, 0.5 + 300 / 100]  # the activations after modules 1 and 2
+    exchange = 0.5 + 40 / 100  # the tied gradient, fp32
+    t = simulate(us, [2, 3], link)
+    # Module 1's next forward waits for: forwards of modules 1, 2, 3 (and their messages), module 3's backward,
+    # the exchange -- longer here than any module's own work (FR: 2*3 + 6 + c1, 2*3 + 5 + c2, 1 + 3).
+    chain = 3.0 + c[0] + 3.0 + c[1] + 1.0 + 3.0 + exchange
+    assert t["fr"] == pytest.approx(max(2 * 3 + 6 + c[0], 2 * 3 + 5 + c[1], 4.0, chain)) == pytest.approx(chain)
+    assert t["ddg"] == pytest.approx(chain)
+    # Tied modules 1 and 2 of 3: module 2 replays (FR) before its backward; DDG does not.
+    us[3].tied, us[3].tied_params, us[2].tied, us[2].tied_params = (), 0, (0,), 10
+    us[0].tied = (2,)
+    t = simulate(us, [2, 3], link)
+    assert t["fr"] == pytest.approx(max(2 * 3 + 6 + c[0], 3.0 + c[0] + 3.0 + 3.0 + 5.0 + exchange))
+    assert t["ddg"] == pytest.approx(max(3 + 6 + c[0], 3.0 + c[0] + 3.0 + 5.0 + exchange))
+    # Nothing shared within a module: no wait.
+    assert simulate(us, [3], link)["ddg"] == pytest.approx(max(6 + 11 + c[1], 4.0))
+
+
+def test_best_fr_cut_is_optimal_with_a_tied_weight():
+    rng = random.Random(1)
+    link = Link(bandwidth=1e3, latency=0.01)
+    for _ in range(20):
+        n, k = rng.randint(3, 7), rng.randint(2, 3)
+        us = units([(rng.random(), rng.random(), rng.randint(0, 1000)) for _ in range(n)])
+        us[0].tied, us[-1].tied, us[0].tied_params, us[-1].tied_params = (n - 1,), (0,), 100, 100
+
+        def fr_step(starts):
+            return simulate(us, list(starts), link)["fr"]
+
+        brute = min(fr_step(c) for c in itertools.combinations(range(1, n), k - 1))
+        assert fr_step(best_fr_cut(us, k, link)) == pytest.approx(brute)
+
+
+def test_profile_finds_the_units_that_share_a_parameter():
+    class TiedLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 16)
+            self.body = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())
+            self.head = torch.nn.Linear(16, 50, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.body(self.embed(ids)))
+
+    prof = profile(TiedLM(), (torch.randint(0, 50, (4, 8)),), repeats=1)
+    by_name = {u.name: (i, u) for i, u in enumerate(prof)}
+    (e, embed), (h, head) = by_name["embed"], by_name["head"]
+    assert embed.tied == (h,) and head.tied == (e,) and embed.tied_params == head.tied_params == 50 * 16
+    assert all(u.tied == () and u.tied_params == 0 for u in prof if u.name not in ("embed", "head"))
+
+
+def test_calibrated_scales_each_profile_to_the_whole_step_timed_on_its_batch():
+    from replay_opt.plan import calibrated
+
+    full = units([(1.0, 2.0, 100), (3.0, 4.0, 200)])  # the units add up to 10 s
+    half = units([(0.5, 1.0, 50), (1.0, 2.5, 100)])  # ... and to 5 s on half the batch
+    out = calibrated({1: full, 2: half}, {1: 12.0, 2: 4.0})
+    assert [t for u in out[1] for t in (u.forward_s, u.backward_s)] == pytest.approx([1.2, 2.4, 3.6, 4.8])
+    assert [t for u in out[2] for t in (u.forward_s, u.backward_s)] == pytest.approx([0.4, 0.8, 0.8, 2.0])
+    assert [u.output_bytes for u in out[2]] == [50, 100] and full[0].forward_s == 1.0  # (copies)
+    assert calibrated({4: half}, {})[4] == half  # not timed: as profiled
+
+
+def test_step_seconds_times_the_whole_model_on_each_batch_and_leaves_it_alone():
+    from replay_opt.plan import step_seconds
+
+    model = mlp(depth=4, width=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seconds = step_seconds(model, {1: (torch.randn(64, 8),), 4: (torch.randn(16, 8),)}, repeats=2)
+    assert set(seconds) == {1, 4} and all(s > 0 for s in seconds.values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())

@@ -8,8 +8,9 @@ and a unit that runs more than once (a shared embedding) cannot begin a module.
 
 from __future__ import annotations
 
+import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,7 @@ class UnitProfile:
     output_bytes: int  # what crosses a cut placed right after this unit
     params: int
     tied: tuple[int, ...] = ()  # the other units that share a parameter with this one (a tied embedding)
+    tied_params: int = 0  # how many of this unit's parameter elements those units share
 
 
 def choose_split_points(
@@ -156,6 +158,42 @@ def profile(
         model.load_state_dict(state)
         for p, g in grads.items():
             p.grad = g
+    numel = {id(p): p.numel() for p in model.parameters()}
     for i, u in enumerate(out_profiles):
-        u.tied = tuple(sorted({j for units_ in owners.values() if i in units_ for j in units_} - {i}))
+        shared = [pid for pid, users in owners.items() if i in users and len(users) > 1]
+        u.tied = tuple(sorted({j for pid in shared for j in owners[pid]} - {i}))
+        u.tied_params = sum(numel.get(pid, 0) for pid in shared)
     return out_profiles
+
+
+def step_seconds(model: nn.Module, examples: Mapping[Hashable, Any], repeats: int = 5) -> dict[Hashable, float]:
+    """The whole model's forward + backward on each of ``examples`` (batches, as ``profile`` takes them), timed
+    end to end: the median of ``repeats`` rounds, the batches taking turns in each round so that a slow spell of
+    the machine hits them alike.  Leaves the model as it was."""
+    calls = {}
+    for key, example in examples.items():
+        signature = signature_of(model)
+        args, kwargs = as_call(example)
+        calls[key] = (args, without_cache(use_cache_position(signature), args, kwargs))
+    device = next(model.parameters()).device
+    sync = torch.get_device_module(device.type).synchronize if device.type != "cpu" else (lambda: None)
+    grads = {p: p.grad for p in model.parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    times: dict[Hashable, list[float]] = {key: [] for key in calls}
+    try:
+        with training_mode(model, True), torch.random.fork_rng(devices=[]):
+            for r in range(repeats + 1):  # the first round warms up
+                for key, (args, kwargs) in calls.items():
+                    sync()
+                    start = time.perf_counter()
+                    tensors = [t for t in tree_flatten(model(*args, **kwargs))[0]
+                               if isinstance(t, torch.Tensor) and t.requires_grad]  # fmt: skip
+                    torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
+                    sync()
+                    if r:
+                        times[key].append(time.perf_counter() - start)
+    finally:
+        model.load_state_dict(state)
+        for p, g in grads.items():
+            p.grad = g
+    return {key: statistics.median(t) for key, t in times.items()}
