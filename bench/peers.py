@@ -448,8 +448,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     def example_at(batch: int) -> tuple[torch.Tensor]:
         return (example_batch(args.model, batch, torch.Generator().manual_seed(1))[0].to(args.device),)
 
-    def profile_at(batch: int) -> list[Any]:
-        return profile(model, example_at(batch), repeats=5)
+    def profile_at(batch: int, split_backward: bool = False) -> list[Any]:
+        return profile(model, example_at(batch), repeats=5, split_backward=split_backward)
 
     units = profile_at(args.batch_size)
     names = [u.name for u in units]
@@ -474,7 +474,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         names_run = [n for n in names_run if not n.startswith("torchgpipe")]
     # What a micro-batch and a DDP replica's share really cost (the planner scales by 1/n without these).
     fractions = {k, *(int(n.split(":")[1]) for n in names_run if ":" in n)}
-    smaller = {n: profile_at(args.batch_size // n) for n in sorted(fractions) if args.batch_size // n >= 1}
+    smaller = {n: profile_at(args.batch_size // n, split_backward=n != k) for n in sorted(fractions)
+               if args.batch_size // n >= 1}  # fmt: skip  (the micro-batches' with the zero-bubble split)
     # ... each scaled to the whole model's step on its batch, timed end to end (``replay_opt.plan.calibrated``).
     seconds = step_seconds(model, {n: example_at(args.batch_size // n) for n in [1, *smaller]})
     profiles = calibrated({1: units, **smaller}, seconds)

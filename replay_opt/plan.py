@@ -8,8 +8,11 @@
 
 Each unit of the model (see ``ReplayModelWrapper.units``) is timed forward and backward on one
 device, and the bytes that cross a cut placed after it are counted (every value alive there,
-residuals included).  For a cut into modules with forward time F_k, backward time B_k and
-boundary transfer time c_k = latency + bytes_k / bandwidth, one training step takes
+residuals included); the same on a micro-batch and on a DDP replica's share of the batch.  Each
+of these profiles is then scaled to the whole model's step timed end to end on its batch
+(``calibrated``): the units give the shape, the whole step the scale.  For a cut into modules
+with forward time F_k, backward time B_k and boundary transfer time c_k = latency + bytes_k /
+bandwidth, one training step takes
 
 * BP, naive model parallelism (every device waits):  sum_k (F_k + B_k) + 2 sum_k c_k
 * GPipe with M micro-batches (fill and drain):         sum_k (f_k + c_k) + (M-1) max_k (f_k + c_k)
@@ -126,7 +129,12 @@ def calibrated(
     for n, units in profiles.items():
         total = sum(u.forward_s + u.backward_s for u in units)
         f = seconds[n] / total if n in seconds and total > 0 else 1.0
-        out[n] = [replace(u, forward_s=u.forward_s * f, backward_s=u.backward_s * f) for u in units]
+        out[n] = [
+            replace(u, forward_s=u.forward_s * f, backward_s=u.backward_s * f,
+                    input_backward_s=None if u.input_backward_s is None else u.input_backward_s * f,
+                    weight_backward_s=None if u.weight_backward_s is None else u.weight_backward_s * f)
+            for u in units
+        ]  # fmt: skip
     return out
 
 
@@ -187,13 +195,16 @@ def simulate_two_per_rank(
     """Predicted seconds per step of the schedules that hold two stages per rank, for a cut into 2K stages
     (``starts``: 2K-1 indices) on K ranks.
 
-    Per micro-batch, rank r runs forward F_r and backward B_r + W_r over its two stages (the zero-bubble
-    schedules split the backward into the input-gradient pass B and the weight-gradient pass W; taken equal,
-    half the profiled backward each, as the Zero Bubble paper measures them), each including the messages it
-    sends to another rank.  With S = max_r (F_r + B_r + W_r), F, B, W of the slowest rank and M micro-batches:
+    Per micro-batch, rank r runs forward F_r and backward over its two stages, each including the messages it
+    sends to another rank.  The zero-bubble schedules split the backward into the input-gradient pass B and
+    the weight-gradient pass W, as profiled by ``profile(split_backward=True)`` -- in eager PyTorch the two
+    passes cost more than the one they replace (1.3-1.7x on this project's CPU) -- or, unprofiled, half the
+    backward each, as the Zero Bubble paper measures them on GPUs.  With S = max_r (F_r + B_r + W_r), F, B, W
+    of the slowest rank and M micro-batches:
 
     * ``i1f1b``  interleaved 1F1B (Narayanan et al., 2021), rank r holds stages r and r+K:
-      M S + (K-1) S / 2 -- the 1F1B bubble, (K-1) S, shrunk by the two chunks per rank;
+      M S + (K-1) S / 2 -- the 1F1B bubble, (K-1) S, shrunk by the two chunks per rank (its backward is
+      not split: S = F + the profiled backward);
     * ``izb``    interleaved zero bubble: M S + (K-1) max(F + B - W, 0) / 2 -- ZB-H1's bubble (Qi et al., 2024)
       shrunk likewise;
     * ``zbv``    ZB-V, stages r and 2K-1-r in a V: M S + (K-1) max(F + B - 2W, 0) / 2 -- ZB-H2's bubble on
@@ -208,22 +219,43 @@ def simulate_two_per_rank(
     smaller = smaller or {}
     mods = _modules(units, starts)
     micro = _modules(smaller[m], starts) if m in smaller else [(f / m, b / m, n / m) for f, b, n in mods]
+    split = _split_backward(smaller.get(m, units), starts, 1 if m in smaller else m)
     out: dict[str, float] = {}
     for name, style in TWO_PER_RANK.items():
         rank_of = [i % k if style == "loop" else min(i, k2 - 1 - i) for i in range(k2)]
-        forward, backward = [0.0] * k, [0.0] * k  # per rank, per micro-batch, with the messages it sends
+        # per rank, per micro-batch, with the messages it sends: forward, backward, its input and weight passes
+        forward, backward, inputs, weights = ([0.0] * k for _ in range(4))
         for i, (f, b, nbytes) in enumerate(micro):
-            sends_up = i < k2 - 1 and rank_of[i + 1] != rank_of[i]
-            sends_down = i > 0 and rank_of[i - 1] != rank_of[i]
-            forward[rank_of[i]] += f + (link.time(nbytes) if sends_up else 0.0)
-            backward[rank_of[i]] += b + (link.time(micro[i - 1][2]) if sends_down else 0.0)
-        r = max(range(k), key=lambda r: forward[r] + backward[r])
-        f, b, w = forward[r], backward[r] / 2, backward[r] / 2
-        s = f + b + w
-        bubble = {"i1f1b": s, "izb": max(f + b - w, 0.0), "zbv": max(f + b - 2 * w, 0.0),
+            r = rank_of[i]
+            up = link.time(nbytes) if i < k2 - 1 and rank_of[i + 1] != r else 0.0
+            down = link.time(micro[i - 1][2]) if i > 0 and rank_of[i - 1] != r else 0.0
+            b_in, w = split[i] if split else (b / 2, b / 2)
+            forward[r] += f + up
+            backward[r] += b + down
+            inputs[r] += b_in + down
+            weights[r] += w
+        if name == "i1f1b":
+            r = max(range(k), key=lambda r: forward[r] + backward[r])
+            s = forward[r] + backward[r]
+            out[name] = m * s + (k - 1) * s / 2
+            continue
+        r = max(range(k), key=lambda r: forward[r] + inputs[r] + weights[r])
+        f, b, w = forward[r], inputs[r], weights[r]
+        bubble = {"izb": max(f + b - w, 0.0), "zbv": max(f + b - 2 * w, 0.0),
                   "dualpipev": max(f + 2 * b - 3 * w, 0.0)}[name]  # fmt: skip
-        out[name] = m * s + (k - 1) * bubble / 2
+        out[name] = m * (f + b + w) + (k - 1) * bubble / 2
     return out
+
+
+def _split_backward(units: Sequence[UnitProfile], starts: Sequence[int], scale: int) -> list[tuple[float, float]]:
+    """Per module, its input-gradient and weight-gradient passes (divided by ``scale``); [] if not profiled."""
+    if any(u.input_backward_s is None or u.weight_backward_s is None for u in units):
+        return []
+    bounds = [0, *starts, len(units)]
+    return [
+        (sum(u.input_backward_s for u in units[a:b]) / scale, sum(u.weight_backward_s for u in units[a:b]) / scale)
+        for a, b in itertools.pairwise(bounds)
+    ]
 
 
 TIED_SEARCH_LIMIT = 20_000  # cuts tried one by one when a tied weight makes the step more than the busiest module
@@ -313,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     # whole model's step on that batch, timed end to end.
     fractions = [1, *sorted({args.microbatches, *range(2, args.max_modules + 1)})]
     examples = {n: batch(args.batch_size // n) for n in fractions if args.batch_size // n >= 1}
-    profiles = calibrated({n: profile(model, x) for n, x in examples.items()}, step_seconds(model, examples))
+    timed = {n: profile(model, x, split_backward=n == args.microbatches) for n, x in examples.items()}
+    profiles = calibrated(timed, step_seconds(model, examples))
     units, smaller = profiles.pop(1), profiles
     link = Link(args.bandwidth, args.latency)
     rows = recommend(units, args.max_modules, link, args.microbatches, smaller)

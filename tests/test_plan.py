@@ -85,6 +85,10 @@ def test_profile_measures_every_unit_and_leaves_the_model_alone():
     assert prof[0].output_bytes == 64 * 32 * 4 and prof[-1].output_bytes == 64 * 4 * 4
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+    assert all(u.input_backward_s is None for u in prof)
+    split = profile(model, (torch.randn(64, 8),), repeats=1, split_backward=True)  # as the zero-bubble schedules run
+    assert all(u.input_backward_s > 0 and u.weight_backward_s > 0 for u in split)
+    assert all(p.grad is None for p in model.parameters())
     rows = recommend(prof, max_modules=3)
     assert [r["K"] for r in rows] == [1, 2, 3] and rows[0]["fr_speedup"] == pytest.approx(1.0)
     assert all(len(r["split_points"]) == r["K"] - 1 for r in rows)
@@ -149,20 +153,39 @@ def test_two_stages_per_rank_formulas():
     b = [2.0, 4.0, 1.0, 3.0]
     c = [0.5 + 50 / 100, 0.5 + 100 / 100, 0.5 + 150 / 100]  # a micro-batch's message after stages 0, 1, 2
 
-    def expected(ranks, bubble_of):
-        fr = [sum(f[i] + (c[i] if i < 3 and ranks[i + 1] != ranks[i] else 0) for i in range(4) if ranks[i] == r)
-              for r in (0, 1)]  # fmt: skip
-        br = [sum(b[i] + (c[i - 1] if i > 0 and ranks[i - 1] != ranks[i] else 0) for i in range(4) if ranks[i] == r)
-              for r in (0, 1)]  # fmt: skip
-        r = max((0, 1), key=lambda r: fr[r] + br[r])
-        s = fr[r] + br[r]
-        return 2 * s + (2 - 1) * bubble_of(fr[r], br[r] / 2, br[r] / 2, s) / 2
+    def expected(ranks, bubble_of, b_in=None, w=None):
+        b_in = b_in or [x / 2 for x in b]  # the zero-bubble split: input pass, weight pass (unprofiled: halves)
+        w = w or [x / 2 for x in b]
+
+        def per_rank(times, message):
+            return [sum(times[i] + message(i) for i in range(4) if ranks[i] == r) for r in (0, 1)]
+
+        fr = per_rank(f, lambda i: c[i] if i < 3 and ranks[i + 1] != ranks[i] else 0)
+        down = lambda i: c[i - 1] if i > 0 and ranks[i - 1] != ranks[i] else 0  # noqa: E731 (sent by the B pass)
+        br, bi, wr = per_rank(b, down), per_rank(b_in, down), per_rank(w, lambda i: 0)
+        if bubble_of is None:  # interleaved 1F1B: the backward not split
+            r = max((0, 1), key=lambda r: fr[r] + br[r])
+            return 2 * (fr[r] + br[r]) + (2 - 1) * (fr[r] + br[r]) / 2
+        r = max((0, 1), key=lambda r: fr[r] + bi[r] + wr[r])
+        return 2 * (fr[r] + bi[r] + wr[r]) + (2 - 1) * bubble_of(fr[r], bi[r], wr[r]) / 2
 
     loop, v = [0, 1, 0, 1], [0, 1, 1, 0]  # interleaved: rank r holds r, r+K; V: r, 2K-1-r
-    assert t["i1f1b"] == pytest.approx(expected(loop, lambda f_, b_, w_, s: s))
-    assert t["izb"] == pytest.approx(expected(loop, lambda f_, b_, w_, s: max(f_ + b_ - w_, 0)))
-    assert t["zbv"] == pytest.approx(expected(v, lambda f_, b_, w_, s: max(f_ + b_ - 2 * w_, 0)))
-    assert t["dualpipev"] == pytest.approx(expected(v, lambda f_, b_, w_, s: max(f_ + 2 * b_ - 3 * w_, 0)))
+    zb_h1 = lambda f_, b_, w_: max(f_ + b_ - w_, 0)  # noqa: E731
+    zb_h2 = lambda f_, b_, w_: max(f_ + b_ - 2 * w_, 0)  # noqa: E731
+    dualpipe = lambda f_, b_, w_: max(f_ + 2 * b_ - 3 * w_, 0)  # noqa: E731
+    assert t["i1f1b"] == pytest.approx(expected(loop, None))
+    assert t["izb"] == pytest.approx(expected(loop, zb_h1))
+    assert t["zbv"] == pytest.approx(expected(v, zb_h2))
+    assert t["dualpipev"] == pytest.approx(expected(v, dualpipe))
+    # Profiled split passes (full batch; M=2 halves them): the two cost more than the backward they replace.
+    for u, (b_in, w) in zip(us, [(1.0, 4.0), (5.0, 6.0), (1.0, 2.0), (4.0, 4.0)]):
+        u.input_backward_s, u.weight_backward_s = b_in, w
+    t = simulate_two_per_rank(us, [1, 2, 3], link, microbatches=2)
+    b_in, w = [0.5, 2.5, 0.5, 2.0], [2.0, 3.0, 1.0, 2.0]
+    assert t["i1f1b"] == pytest.approx(expected(loop, None))  # (not split)
+    assert t["izb"] == pytest.approx(expected(loop, zb_h1, b_in, w))
+    assert t["zbv"] == pytest.approx(expected(v, zb_h2, b_in, w))
+    assert t["dualpipev"] == pytest.approx(expected(v, dualpipe, b_in, w))
     with pytest.raises(ValueError, match="even number of stages"):
         simulate_two_per_rank(us[:3], [1, 2], link)
 

@@ -42,6 +42,10 @@ class UnitProfile:
     params: int
     tied: tuple[int, ...] = ()  # the other units that share a parameter with this one (a tied embedding)
     tied_params: int = 0  # how many of this unit's parameter elements those units share
+    # The backward split as the zero-bubble schedules run it (``profile(split_backward=True)``): the pass to the
+    # input's gradient, then the pass to the weights' (None: not measured).
+    input_backward_s: float | None = None
+    weight_backward_s: float | None = None
 
 
 def choose_split_points(
@@ -93,11 +97,14 @@ def profile(
     units: list[str] | None = None,
     allowed: list[bool] | None = None,
     graph: Graph | None = None,
+    split_backward: bool = False,
 ) -> list[UnitProfile]:
     """Time each unit's forward and backward on the model's device; leaves the model as it was.
 
     ``example_inputs``: a tuple of positional inputs, a dict of keyword inputs, or a ``Call``.
     Units that cannot begin a module are timed together with the unit before them.
+    ``split_backward``: also time the backward split in two as torch.distributed.pipelining's zero-bubble
+    schedules run it (input gradients, then weight gradients: ``input_backward_s``, ``weight_backward_s``).
     """
     if isinstance(example_inputs, Call):
         call = example_inputs
@@ -152,7 +159,10 @@ def profile(
                 params = sum(p.numel() for p in stage.parameters())
                 for p in stage.parameters():
                     owners.setdefault(id(p), set()).add(len(out_profiles))
-                out_profiles.append(UnitProfile(name, min(fwd), min(bwd), crossing, params))
+                unit = UnitProfile(name, min(fwd), min(bwd), crossing, params)
+                if split_backward:
+                    unit.input_backward_s, unit.weight_backward_s = _split_backward_s(stage, inputs, repeats, sync)
+                out_profiles.append(unit)
                 x = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in values)
     finally:
         model.load_state_dict(state)
@@ -164,6 +174,42 @@ def profile(
         u.tied = tuple(sorted({j for pid in shared for j in owners[pid]} - {i}))
         u.tied_params = sum(numel.get(pid, 0) for pid in shared)
     return out_profiles
+
+
+def _split_backward_s(
+    stage: nn.Module, inputs: tuple[Any, ...], repeats: int, sync: Any
+) -> tuple[float, float]:
+    """The input-gradient pass and the weight-gradient pass of ``stage``'s backward, timed apart with the functions
+    torch.distributed.pipelining's zero-bubble schedules call (the first unit, whose input takes no gradient,
+    has only the weight pass)."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    wired = [v for v in inputs if isinstance(v, torch.Tensor) and v.requires_grad]
+    times_in, times_w = [], []
+    for r in range(repeats + 1):
+        tensors = [t for t in tree_flatten(stage(*inputs))[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+        tensors = [t.clone() if t._is_view() else t for t in tensors]  # (the input pass detaches them in place)
+        if not tensors:
+            return 0.0, 0.0
+        grads = [torch.ones_like(t) for t in tensors]
+        sync()
+        t0 = time.perf_counter()
+        if wired:
+            _, groups = stage_backward_input(tensors, grads, wired, iter(stage.parameters()))
+            sync()
+            t1 = time.perf_counter()
+            stage_backward_weight(iter(stage.parameters()), groups)
+        else:
+            t1 = t0
+            torch.autograd.backward(tensors, grads)
+        sync()
+        t2 = time.perf_counter()
+        for v in wired:
+            v.grad = None
+        if r:
+            times_in.append(t1 - t0)
+            times_w.append(t2 - t1)
+    return min(times_in), min(times_w)
 
 
 def step_seconds(model: nn.Module, examples: Mapping[Hashable, Any], repeats: int = 5) -> dict[Hashable, float]:
