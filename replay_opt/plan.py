@@ -53,9 +53,6 @@ import torch
 
 from ._model_spec import FORMS, example_inputs, load_model
 from .cut.balance import UnitProfile, profile, step_seconds
-
-__all__ = ["Link", "UnitProfile", "best_fr_cut", "calibrated", "profile", "recommend", "simulate",
-           "simulate_two_per_rank", "step_seconds", "tied_chain", "tied_modules"]
 from .cut.units import balanced_starts, min_max_cut
 
 
@@ -90,7 +87,7 @@ def tied_modules(units: Sequence[UnitProfile], starts: Sequence[int]) -> dict[tu
     module_of = [m for m, (a, b) in enumerate(itertools.pairwise(bounds)) for _ in range(a, b)]
     pairs: dict[tuple[int, int], int] = {}
     for i, u in enumerate(units):
-        for j in getattr(u, "tied", ()):
+        for j in u.tied:
             a, b = module_of[i], module_of[j]
             if a < b:
                 pairs[(a, b)] = max(pairs.get((a, b), 0), 4 * u.tied_params)

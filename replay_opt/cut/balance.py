@@ -8,9 +8,10 @@ and a unit that runs more than once (a shared embedding) cannot begin a module.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +90,26 @@ def choose_split_points(
     return [units[i] for i in starts]
 
 
+def synchronizer(device: torch.device) -> Any:
+    """Wait for the device's queued work (a no-op on the CPU), so that a timer reads finished work."""
+    return torch.get_device_module(device.type).synchronize if device.type != "cpu" else (lambda: None)
+
+
+@contextlib.contextmanager
+def left_as_it_was(model: nn.Module) -> Iterator[None]:
+    """Time ``model`` inside the block in training mode; after it, the weights, buffers, gradients, mode and
+    RNG are as they were."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {p: p.grad for p in model.parameters()}
+    try:
+        with training_mode(model, True), torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        model.load_state_dict(state)
+        for p, g in grads.items():
+            p.grad = g
+
+
 def profile(
     model: nn.Module,
     example_inputs: Any,
@@ -125,49 +146,41 @@ def profile(
         graph = graph or capture(model, call, True, leaves=set(units))
         stages = split_graph(graph, model, starts)
     heads = [units[0], *starts]
-    device = next(model.parameters()).device
-    sync = torch.get_device_module(device.type).synchronize if device.type != "cpu" else (lambda: None)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    grads = {p: p.grad for p in model.parameters()}
+    sync = synchronizer(next(model.parameters()).device)
     out_profiles = []
     owners: dict[int, set[int]] = {}  # parameter id -> the units using it
-    try:
-        with training_mode(model, True), torch.random.fork_rng(devices=[]):
-            x: tuple[Any, ...] = call.tensors
-            for name, stage in tqdm(list(zip(heads, stages)), desc="timing units (balance='time')", leave=False):
-                inputs = tuple(
-                    v.detach().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                    for v in x
-                )
-                fwd, bwd = [], []
-                for r in range(repeats + 1):  # the first run warms up
-                    sync()
-                    t0 = time.perf_counter()
-                    out = stage(*inputs)
-                    sync()
-                    t1 = time.perf_counter()
-                    values = tree_flatten(out)[0]
-                    tensors = [t for t in values if isinstance(t, torch.Tensor) and t.requires_grad]
-                    if tensors:
-                        torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
-                    sync()
-                    t2 = time.perf_counter()
-                    if r:
-                        fwd.append(t1 - t0)
-                        bwd.append(t2 - t1)
-                crossing = sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
-                params = sum(p.numel() for p in stage.parameters())
-                for p in stage.parameters():
-                    owners.setdefault(id(p), set()).add(len(out_profiles))
-                unit = UnitProfile(name, min(fwd), min(bwd), crossing, params)
-                if split_backward:
-                    unit.input_backward_s, unit.weight_backward_s = _split_backward_s(stage, inputs, repeats, sync)
-                out_profiles.append(unit)
-                x = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in values)
-    finally:
-        model.load_state_dict(state)
-        for p, g in grads.items():
-            p.grad = g
+    with left_as_it_was(model):
+        x: tuple[Any, ...] = call.tensors
+        for name, stage in tqdm(list(zip(heads, stages)), desc="timing units (balance='time')", leave=False):
+            inputs = tuple(
+                v.detach().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                for v in x
+            )
+            fwd, bwd = [], []
+            for r in range(repeats + 1):  # the first run warms up
+                sync()
+                t0 = time.perf_counter()
+                out = stage(*inputs)
+                sync()
+                t1 = time.perf_counter()
+                values = tree_flatten(out)[0]
+                tensors = [t for t in values if isinstance(t, torch.Tensor) and t.requires_grad]
+                if tensors:
+                    torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
+                sync()
+                t2 = time.perf_counter()
+                if r:
+                    fwd.append(t1 - t0)
+                    bwd.append(t2 - t1)
+            crossing = sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
+            params = sum(p.numel() for p in stage.parameters())
+            for p in stage.parameters():
+                owners.setdefault(id(p), set()).add(len(out_profiles))
+            unit = UnitProfile(name, min(fwd), min(bwd), crossing, params)
+            if split_backward:
+                unit.input_backward_s, unit.weight_backward_s = _split_backward_s(stage, inputs, repeats, sync)
+            out_profiles.append(unit)
+            x = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in values)
     numel = {id(p): p.numel() for p in model.parameters()}
     for i, u in enumerate(out_profiles):
         shared = [pid for pid, users in owners.items() if i in users and len(users) > 1]
@@ -176,9 +189,7 @@ def profile(
     return out_profiles
 
 
-def _split_backward_s(
-    stage: nn.Module, inputs: tuple[Any, ...], repeats: int, sync: Any
-) -> tuple[float, float]:
+def _split_backward_s(stage: nn.Module, inputs: tuple[Any, ...], repeats: int, sync: Any) -> tuple[float, float]:
     """The input-gradient pass and the weight-gradient pass of ``stage``'s backward, timed apart with the functions
     torch.distributed.pipelining's zero-bubble schedules call (the first unit, whose input takes no gradient,
     has only the weight pass)."""
@@ -216,30 +227,22 @@ def step_seconds(model: nn.Module, examples: Mapping[Hashable, Any], repeats: in
     """The whole model's forward + backward on each of ``examples`` (batches, as ``profile`` takes them), timed
     end to end: the median of ``repeats`` rounds, the batches taking turns in each round so that a slow spell of
     the machine hits them alike.  Leaves the model as it was."""
+    position = use_cache_position(signature_of(model))
     calls = {}
     for key, example in examples.items():
-        signature = signature_of(model)
         args, kwargs = as_call(example)
-        calls[key] = (args, without_cache(use_cache_position(signature), args, kwargs))
-    device = next(model.parameters()).device
-    sync = torch.get_device_module(device.type).synchronize if device.type != "cpu" else (lambda: None)
-    grads = {p: p.grad for p in model.parameters()}
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+        calls[key] = (args, without_cache(position, args, kwargs))
+    sync = synchronizer(next(model.parameters()).device)
     times: dict[Hashable, list[float]] = {key: [] for key in calls}
-    try:
-        with training_mode(model, True), torch.random.fork_rng(devices=[]):
-            for r in range(repeats + 1):  # the first round warms up
-                for key, (args, kwargs) in calls.items():
-                    sync()
-                    start = time.perf_counter()
-                    tensors = [t for t in tree_flatten(model(*args, **kwargs))[0]
-                               if isinstance(t, torch.Tensor) and t.requires_grad]  # fmt: skip
-                    torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
-                    sync()
-                    if r:
-                        times[key].append(time.perf_counter() - start)
-    finally:
-        model.load_state_dict(state)
-        for p, g in grads.items():
-            p.grad = g
+    with left_as_it_was(model):
+        for r in range(repeats + 1):  # the first round warms up
+            for key, (args, kwargs) in calls.items():
+                sync()
+                start = time.perf_counter()
+                tensors = [t for t in tree_flatten(model(*args, **kwargs))[0]
+                           if isinstance(t, torch.Tensor) and t.requires_grad]  # fmt: skip
+                torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
+                sync()
+                if r:
+                    times[key].append(time.perf_counter() - start)
     return {key: statistics.median(t) for key, t in times.items()}
