@@ -60,6 +60,7 @@ from torch import nn
 
 from recipes.models import build_model
 from replay_opt import ReplayModelWrapper, ReplayOptimizer
+from replay_opt.cut.balance import synchronizer
 
 TOLERANCE = 1e-5
 STEP_METHODS = ("bp", "fr", "ddg")
@@ -104,12 +105,6 @@ class Settings:
             rounds=2, steps=1, bf16_steps=3, microbatches=(1, 2, 4),
             lm={"batch_size": 4, "block_size": 32, "eval_every": 3, "steps": 6},
         )  # fmt: skip
-
-
-def synchronizer(device: str) -> Callable[[], None]:
-    if device.startswith("cuda"):
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
 
 
 def free_memory(device: str) -> None:

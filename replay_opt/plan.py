@@ -135,6 +135,13 @@ def calibrated(
     return out
 
 
+def _fr_step(mods: Sequence[tuple[float, float, int]], pairs: Mapping[tuple[int, int], int], link: Link) -> float:
+    """FR with one process per module: module k < K plays, replays, back-propagates and sends on; the last plays
+    and back-propagates; the step is the busiest module's, or the chain through a tied weight if longer."""
+    work = [2 * f + b + link.time(nbytes) for f, b, nbytes in mods[:-1]] + [mods[-1][0] + mods[-1][1]]
+    return max(max(work), tied_chain(mods, pairs, link, replay=True))
+
+
 def simulate(
     units: Sequence[UnitProfile],
     starts: Sequence[int],
@@ -162,7 +169,6 @@ def simulate(
     micro = [link.time(nbytes / m) for _, _, nbytes in mods[:-1]] + [0.0]
     fill = [f + c for (f, _, _), c in zip(micro_mods, micro)]
     drain = [b + c for (_, b, _), c in zip(micro_mods, micro)]
-    fr_work = [2 * f + b for f, b, _ in mods[:-1]] + [mods[-1][0] + mods[-1][1]]
     one_device = sum(u.forward_s + u.backward_s for u in units)
     share = sum(u.forward_s + u.backward_s for u in smaller[d]) if d in smaller else one_device / d
     forward_pass = sum(fill) + (m - 1) * max(fill)
@@ -175,7 +181,7 @@ def simulate(
         "1f1b": gpipe,
         "gpipe_loop": forward_pass + gpipe,  # method="gpipe"/"1f1b": a forward-only pass, then the schedule
         "ddg": max(max(f + b + c for (f, b, _), c in zip(mods, out)), tied_chain(mods, pairs, link, replay=False)),
-        "fr": max(max(w + c for w, c in zip(fr_work, out)), tied_chain(mods, pairs, link, replay=True)),
+        "fr": _fr_step(mods, pairs, link),
     }
 
 
@@ -266,7 +272,7 @@ def best_fr_cut(units: Sequence[UnitProfile], k: int, link: Link = DEFAULT_LINK)
         raise ValueError(f"cannot cut {n} units into {k} modules")
     if k > 1 and any(u.tied for u in units) and math.comb(n - 1, k - 1) <= TIED_SEARCH_LIMIT:
         cuts = itertools.combinations(range(1, n), k - 1)
-        return list(min(cuts, key=lambda c: simulate(units, list(c), link, microbatches=1)["fr"]))
+        return list(min(cuts, key=lambda c: _fr_step(_modules(units, c), tied_modules(units, c), link)))
     f = [0.0]
     b = [0.0]
     for u in units:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,9 +90,28 @@ def choose_split_points(
     return [units[i] for i in starts]
 
 
-def synchronizer(device: torch.device) -> Any:
-    """Wait for the device's queued work (a no-op on the CPU), so that a timer reads finished work."""
-    return torch.get_device_module(device.type).synchronize if device.type != "cpu" else (lambda: None)
+def synchronizer(device: torch.device | str) -> Callable[[], None]:
+    """Wait for ``device``'s queued work (a no-op on the CPU), so that a timer reads finished work."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return lambda: None
+    return lambda: torch.get_device_module(device.type).synchronize(device)
+
+
+def timing_call(model: nn.Module, example_inputs: Any) -> Call:
+    """``example_inputs`` (a tuple of positional inputs, a dict of keyword inputs, or a ``Call``) as the call the
+    timings run: with ``use_cache=False`` where ``forward`` takes it (a cache cannot cross a cut, and timing never
+    reads it)."""
+    if isinstance(example_inputs, Call):
+        return example_inputs
+    signature = signature_of(model)
+    args, kwargs = as_call(example_inputs)
+    return Call(signature, args, without_cache(use_cache_position(signature), args, kwargs))
+
+
+def _with_grad(out: Any) -> list[torch.Tensor]:
+    """The tensors of ``out`` that a backward pass starts from."""
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
 @contextlib.contextmanager
@@ -127,12 +146,7 @@ def profile(
     ``split_backward``: also time the backward split in two as torch.distributed.pipelining's zero-bubble
     schedules run it (input gradients, then weight gradients: ``input_backward_s``, ``weight_backward_s``).
     """
-    if isinstance(example_inputs, Call):
-        call = example_inputs
-    else:
-        signature = signature_of(model)
-        args, kwargs = as_call(example_inputs)
-        call = Call(signature, args, without_cache(use_cache_position(signature), args, kwargs))
+    call = timing_call(model, example_inputs)
     if units is None:
         units = candidate_units(model)
         if not isinstance(model, nn.Sequential):
@@ -164,7 +178,7 @@ def profile(
                 sync()
                 t1 = time.perf_counter()
                 values = tree_flatten(out)[0]
-                tensors = [t for t in values if isinstance(t, torch.Tensor) and t.requires_grad]
+                tensors = _with_grad(values)
                 if tensors:
                     torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
                 sync()
@@ -198,8 +212,8 @@ def _split_backward_s(stage: nn.Module, inputs: tuple[Any, ...], repeats: int, s
     wired = [v for v in inputs if isinstance(v, torch.Tensor) and v.requires_grad]
     times_in, times_w = [], []
     for r in range(repeats + 1):
-        tensors = [t for t in tree_flatten(stage(*inputs))[0] if isinstance(t, torch.Tensor) and t.requires_grad]
-        tensors = [t.clone() if t._is_view() else t for t in tensors]  # (the input pass detaches them in place)
+        # (the input pass detaches the outputs in place, which a view refuses)
+        tensors = [t.clone() if t._is_view() else t for t in _with_grad(stage(*inputs))]
         if not tensors:
             return 0.0, 0.0
         grads = [torch.ones_like(t) for t in tensors]
@@ -227,20 +241,15 @@ def step_seconds(model: nn.Module, examples: Mapping[Hashable, Any], repeats: in
     """The whole model's forward + backward on each of ``examples`` (batches, as ``profile`` takes them), timed
     end to end: the median of ``repeats`` rounds, the batches taking turns in each round so that a slow spell of
     the machine hits them alike.  Leaves the model as it was."""
-    position = use_cache_position(signature_of(model))
-    calls = {}
-    for key, example in examples.items():
-        args, kwargs = as_call(example)
-        calls[key] = (args, without_cache(position, args, kwargs))
+    calls = {key: timing_call(model, example) for key, example in examples.items()}
     sync = synchronizer(next(model.parameters()).device)
     times: dict[Hashable, list[float]] = {key: [] for key in calls}
     with left_as_it_was(model):
         for r in range(repeats + 1):  # the first round warms up
-            for key, (args, kwargs) in calls.items():
+            for key, call in calls.items():
                 sync()
                 start = time.perf_counter()
-                tensors = [t for t in tree_flatten(model(*args, **kwargs))[0]
-                           if isinstance(t, torch.Tensor) and t.requires_grad]  # fmt: skip
+                tensors = _with_grad(model(*call.args, **call.kwargs))
                 torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
                 sync()
                 if r:
