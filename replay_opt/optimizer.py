@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .bypass import check_gradients_came_from_forward, engine_running
 from .compensation import Compensation
 from .methods.stale import StaleGradientMethod
 from .multiprocess import checkpoints
@@ -111,13 +112,22 @@ class ReplayOptimizer(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._method.on_zero_grad()
         if self.model.rank is not None:
-            self.model.rank.on_step()
+            with engine_running():
+                self.model.rank.on_step()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        check_gradients_came_from_forward(
+            self.model.take_training_forwards(), self.model.local_parameters(), self.model.method
+        )
+        with engine_running():  # (finishing a step may run modules: GPipe's training pass)
+            self._step()
+        return loss
+
+    def _step(self) -> None:
         rank = self.model.rank
         tied_live = rank.collectives.reduce_gradients() if rank is not None else set()
         self._method.before_step()
@@ -140,7 +150,6 @@ class ReplayOptimizer(torch.optim.Optimizer):
         self._method.on_step()
         if rank is not None:
             rank.on_step()
-        return loss
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus ``"replay"``; collective with one process per module."""

@@ -14,11 +14,15 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
+from .bypass import Guard, engine_running
 from .cut.partition import Balance, Partition, Program, Stage
 from .integrations.accelerate import install as install_accelerate
 from .integrations.accelerate import warn_if_read_early
+from .integrations.peft import forward_signature, peft_class
+from .integrations.trl import FusedHead, adopt_patched
 from .integrations.trainer import install as install_trainer
 from .methods import make_method
+from .methods.batchnorm import frozen_running_stats
 from .methods.bp import Backprop, GPipe
 from .methods.history import to_device
 from .multiprocess.checkpoints import FreshStateDict
@@ -108,7 +112,7 @@ class ReplayModelWrapper(nn.Module):
         # One subclass per model class, whose ``forward`` shows the model's signature: libraries
         # read it from the class (transformers' ``find_labels(type(model))``), not only from the object.
         if cls is ReplayModelWrapper and isinstance(module, nn.Module):
-            cls = _presenting(type(module))
+            cls = _presenting(type(module), forward_signature(module), peft_class(module))
         return super().__new__(cls)
 
     def __init__(
@@ -182,6 +186,9 @@ class ReplayModelWrapper(nn.Module):
         for program in self.partition.programs():
             self._place(program)
         self.track_memory = track_memory
+        self._fused_head: FusedHead | None = None  # TRL's fused LM head, adopted (integrations/trl.py)
+        self._training_forwards = 0  # since the last optimizer step (bypass.py)
+        self._guard = Guard(module, method)  # the model's modules train through this wrapper only
 
     def _place(self, program: Program) -> None:
         """Put a new program's stage modules on their devices (one process per module: this rank's only)."""
@@ -271,6 +278,13 @@ class ReplayModelWrapper(nn.Module):
                 raise
             return getattr(module, name)  # the model's attribute: config, name_or_path, generation_config, ...
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "forward" and FusedHead.of(value) is not None:
+            # TRL's add_fused_lm_head(model): the pipeline computes the head on its output instead (integrations/trl.py)
+            self._fused_head = FusedHead.of(value)
+            return
+        super().__setattr__(name, value)
+
     @property
     def hf_device_map(self) -> dict[str, str]:
         """Where each module runs, as transformers' ``hf_device_map`` (first unit -> device) -- only when this
@@ -282,14 +296,43 @@ class ReplayModelWrapper(nn.Module):
         names = ["(input)", *split_points] if split_points else [f"module {i + 1}" for i in range(self.num_modules)]
         return {name: str(device) for name, device in zip(names, self._devices)}
 
-    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
-        raise ValueError(
-            "activation (gradient) checkpointing is not supported inside a ReplayModelWrapper: its captured graphs "
-            "run the layers directly. Drop activation_checkpointing=True / gradient_checkpointing=True (Features "
-            "Replay keeps no graph across steps and already recomputes each module's forward)"
-        )
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: dict[str, Any] | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+        *,
+        gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """Recompute activations in backward instead of keeping them: transformers' ``gradient_checkpointing_enable``
+        / ``TrainingArguments(gradient_checkpointing=True)``, per pipeline module (``cut/partition.py``,
+        ``Checkpointing``): each module's forward that builds a graph keeps only its inputs, and backward runs it
+        again, with the same random draws.  ``every_n_layers=n`` checkpoints modules 1, 1+n, ...;
+        ``activation_checkpointing_kwargs`` go to ``torch.utils.checkpoint`` (always non-reentrant: the modules'
+        inputs need not require gradients)."""
+        if offload:
+            raise ValueError(
+                "offload=True (activation offloading) is not supported inside a ReplayModelWrapper; drop it "
+                "(activation_checkpointing_kwargs={'offload': False}) -- checkpointing alone still applies"
+            )
+        options = dict(activation_checkpointing_kwargs or gradient_checkpointing_kwargs or {})
+        self.partition.checkpoint(every=every_n_layers, recompute=frozen_running_stats, **options)
 
-    gradient_checkpointing_enable = activation_checkpointing_enable
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+                                      **kwargs: Any) -> None:  # fmt: skip
+        """transformers' older name of ``activation_checkpointing_enable``."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.partition.checkpoint(every=0)
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.partition.checkpointing is not None
+
+    is_activation_checkpointing = is_gradient_checkpointing
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The model's own ``generate``, in one process; with one process per module this rank holds one module's
@@ -322,6 +365,32 @@ class ReplayModelWrapper(nn.Module):
     # ----------------------------------------------------------------------- forward
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if "fused_lm_head" in kwargs:
+            return self._fused_forward(args, kwargs)
+        with engine_running():
+            return self._forward(args, kwargs)
+
+    def _fused_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``model(..., fused_lm_head=True)``, as TRL's trainers call it: the model through the cut, then the adopted
+        head on the logits of the last module (``integrations/trl.py``)."""
+        kwargs = dict(kwargs)
+        fused = kwargs.pop("fused_lm_head")
+        head = self._fused_head = self._fused_head or adopt_patched(self.module)
+        if not fused:
+            return self.forward(*args, **kwargs)
+        if head is None:
+            raise ValueError(
+                "fused_lm_head=True, but no fused LM head was added to this model: call "
+                "trl.trainer.utils.add_fused_lm_head(model) first (TRL's trainers do), or drop fused_lm_head"
+            )
+        labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
+        count = kwargs.pop("num_items_in_batch", None)
+        out = self.forward(*args, **kwargs)
+        aux = getattr(out, "aux_loss", None) if kwargs.get("output_router_logits") else None
+        coef = getattr(getattr(self.module, "config", None), "router_aux_loss_coef", 0.0)
+        return head(out.logits, labels, shift_labels, count, aux, coef)
+
+    def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self._sync_devices()
         training = self.training and torch.is_grad_enabled()
         if not (training or self.rank is not None or self._devices is not None):
@@ -334,6 +403,7 @@ class ReplayModelWrapper(nn.Module):
                     "`optimizer = ReplayOptimizer(optimizer, model)` before training"
                 )
             self._check_grad_scaler()
+            self._training_forwards += 1
             self.algorithm.meter.begin_step()
             if self.replay_optimizer is not None:
                 self.replay_optimizer.before_forward()
@@ -392,6 +462,11 @@ class ReplayModelWrapper(nn.Module):
         if self.replay_optimizer is not None:
             raise ValueError("this ReplayModelWrapper already has a ReplayOptimizer; create one per model")
         self.replay_optimizer = optimizer
+
+    def take_training_forwards(self) -> int:
+        """Training forwards since the last call (``ReplayOptimizer.step()``: were this step's gradients ours?)."""
+        count, self._training_forwards = self._training_forwards, 0
+        return count
 
     def local_parameters(self) -> list[nn.Parameter]:
         """The parameters this process trains: every module's in one process, its own module's with one process
@@ -460,25 +535,35 @@ class ReplayModelWrapper(nn.Module):
 _NOT_FORWARDED = frozenset({
     "module", "replay_optimizer", "partition", "_stages", "algorithm", "rank", "_devices",
     "_is_accelerate_prepared", "is_distributed_loading_by_transformers", "_orig_mod", "hf_device_map",
+    "_fused_head", "_training_forwards", "_guard",
 })  # fmt: skip
 
 
 @functools.cache
-def _presenting(model_class: type[nn.Module]) -> type[ReplayModelWrapper]:
-    """``ReplayModelWrapper`` for ``model_class``: its ``forward`` shows the model's ``forward`` signature."""
-    try:
-        signature = inspect.signature(model_class.forward)
-    except (TypeError, ValueError):
+def _presenting(
+    model_class: type[nn.Module], signature: inspect.Signature | None, peft: type | None
+) -> type[ReplayModelWrapper]:
+    """``ReplayModelWrapper`` for ``model_class``: its ``forward`` shows ``signature`` (the model's ``forward``
+    signature; a PEFT model's base model's), and for a PEFT model (``peft``, its class) it answers
+    ``isinstance(wrapper, PeftModel)`` as the libraries that treat PEFT models apart expect
+    (``integrations/peft.py``)."""
+    if signature is None and peft is None:
         return ReplayModelWrapper
 
     def forward(self: ReplayModelWrapper, *args: Any, **kwargs: Any) -> Any:
         return ReplayModelWrapper.forward(self, *args, **kwargs)
 
-    forward.__signature__ = signature  # type: ignore[attr-defined]
+    namespace: dict[str, Any] = {"forward": forward, "__module__": __name__}
+    if signature is not None:
+        forward.__signature__ = signature  # type: ignore[attr-defined]
     forward.__doc__ = model_class.forward.__doc__
     forward.__qualname__ = "ReplayModelWrapper.forward"
     name = f"ReplayModelWrapper[{model_class.__name__}]"
-    return type(name, (ReplayModelWrapper,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+    if peft is not None:
+        namespace["__class__"] = property(lambda self: peft)  # isinstance(wrapper, PeftModel); type() stays ours
+        namespace["_get_name"] = lambda self: name  # (repr)
+    namespace["__qualname__"] = name
+    return type(name, (ReplayModelWrapper,), namespace)
 
 
 def _set_microbatches(method: Any, microbatches: int | None, one_process_per_module: bool) -> None:

@@ -106,7 +106,7 @@ def timing_call(model: nn.Module, example_inputs: Any) -> Call:
         return example_inputs
     signature = signature_of(model)
     args, kwargs = as_call(example_inputs)
-    return Call(signature, args, without_cache(use_cache_position(signature), args, kwargs))
+    return Call(signature, args, without_cache(use_cache_position(signature, model), args, kwargs))
 
 
 def _with_grad(out: Any) -> list[torch.Tensor]:

@@ -25,6 +25,7 @@ import contextlib
 import inspect
 import logging
 import re
+import sys
 import time
 import weakref
 from collections.abc import Hashable, Iterator
@@ -108,10 +109,24 @@ def autocast_state() -> tuple[Any, ...]:
     )
 
 
-def use_cache_position(signature: inspect.Signature | None) -> int | None:
-    """Where ``forward`` takes ``use_cache`` (transformers models), or None."""
+KEYWORD_ONLY = sys.maxsize  # ``use_cache_position`` of a model that takes ``use_cache`` through ``**kwargs``
+
+
+def use_cache_position(signature: inspect.Signature | None, model: nn.Module | None = None) -> int | None:
+    """Where ``forward`` takes ``use_cache`` (transformers models), or None.  A model whose ``forward`` hands its
+    ``**kwargs`` to a base model that takes it (PEFT's ``PeftModel``: ``get_base_model()``) takes it by keyword."""
     names = list(signature.parameters) if signature is not None else []
-    return names.index("use_cache") if "use_cache" in names else None
+    if "use_cache" in names:
+        return names.index("use_cache")
+    var_keyword = signature is not None and any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    get_base = getattr(model, "get_base_model", None)
+    if var_keyword and callable(get_base):
+        try:
+            if "use_cache" in inspect.signature(get_base().forward).parameters:
+                return KEYWORD_ONLY
+        except (TypeError, ValueError):
+            pass
+    return None
 
 
 def without_cache(position: int | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

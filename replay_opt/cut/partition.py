@@ -98,7 +98,37 @@ class StageDispatch(nn.Module):
         return self.partition.current_program().stages[self.index]
 
     def forward(self, *inputs: Any) -> Any:
-        return self.current_module()(*inputs)
+        module = self.current_module()
+        checkpointing = self.partition.checkpointing
+        if checkpointing is None or not torch.is_grad_enabled() or not checkpointing.covers(self.index):
+            return module(*inputs)
+        return checkpointing(module, inputs)
+
+
+@dataclass
+class Checkpointing:
+    """Activation checkpointing per pipeline module: a module's forward that builds a graph keeps only its inputs;
+    backward runs it again (``torch.utils.checkpoint``, non-reentrant, the same random draws), with BatchNorm's
+    running statistics left alone the second time (``recompute``: a context for the module)."""
+
+    every: int
+    recompute: Callable[[nn.Module], contextlib.AbstractContextManager[None]]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def covers(self, index: int) -> bool:
+        return index % self.every == 0
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...]) -> Any:
+        ran = []
+
+        def run(*values: Any) -> Any:
+            if not ran:  # the forward
+                ran.append(True)
+                return module(*values)
+            with self.recompute(module):  # backward's recomputation
+                return module(*values)
+
+        return torch.utils.checkpoint.checkpoint(run, *inputs, use_reentrant=False, **self.options)
 
 
 @dataclass
@@ -164,7 +194,8 @@ class Partition:
         self._fixed: Program | None = None  # the one program of a Sequential / K=1
         self._example = example_inputs
         self._warned_cache = False
-        self._use_cache_at = use_cache_position(self.signature)  # found once, not per forward
+        self._use_cache_at = use_cache_position(self.signature, model)  # found once, not per forward
+        self.checkpointing: Checkpointing | None = None
         if split_points is not None:
             check_names(model, split_points)
         elif num_modules > len(self.units):
@@ -189,6 +220,25 @@ class Partition:
                 'balance="time" profiles each unit and needs example_inputs=(x,) with a batch like the '
                 'training batches; pass it, or use the default balance="params"'
             )
+
+    def checkpoint(
+        self,
+        every: int,
+        recompute: Callable[[nn.Module], contextlib.AbstractContextManager[None]] | None = None,
+        **options: Any,
+    ) -> None:
+        """Checkpoint modules 1, 1+every, 1+2*every, ... (``every=0``: none); ``options`` for
+        ``torch.utils.checkpoint.checkpoint``."""
+        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+            raise ValueError(f"every_n_layers must be a positive integer, got {every!r}")
+        options.pop("use_reentrant", None)  # reentrant checkpointing needs inputs that require grad; same result
+        unknown = set(options) - {"preserve_rng_state", "determinism_check", "debug", "context_fn"}
+        if unknown:
+            raise ValueError(
+                f"unknown checkpointing options {sorted(unknown)}; torch.utils.checkpoint takes preserve_rng_state, "
+                "determinism_check, debug, context_fn"
+            )
+        self.checkpointing = None if every == 0 else Checkpointing(every, recompute or _nothing, options)
 
     # ----------------------------------------------------------------------- programs
 
@@ -341,6 +391,11 @@ class Partition:
         program = self._capture(call, True, call.key(True), graph)
         names = [p.name for p in self.signature.parameters.values()][: len(args)]
         program.name = f"train: {', '.join(names)} (at construction)"
+
+
+@contextlib.contextmanager
+def _nothing(module: nn.Module) -> Iterator[None]:
+    yield
 
 
 def _check_balance(balance: Balance, num_modules: int) -> None:

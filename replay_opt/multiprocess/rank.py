@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..bypass import engine_running
 from ..cut.capture import Call
 from ..cut.partition import Program, Stage
 from ..methods.base import Method
@@ -138,7 +139,8 @@ class Rank:
                 "the real loss of the last module: `if accelerator.gather(loss).isnan().any(): optimizer.zero_grad(); "
                 "continue`. For forwards that should not train use model.eval() or torch.no_grad()."
             )
-        down = self.training_step.finish(discarded)
+        with engine_running():  # (GPipe's training pass runs the module now)
+            down = self.training_step.finish(discarded)
         if not self._sends_down:
             return
         self._sends_down = False

@@ -1,0 +1,58 @@
+"""PEFT: what a wrapped ``PeftModel`` (``get_peft_model(model, LoraConfig(...))``) shows the libraries around it.
+
+Trainer, TRL and Accelerate treat a PEFT model apart from a plain one, by ``isinstance(model, PeftModel)``:
+they read the dataset columns from the *base* model's ``forward`` (``PeftModel.forward`` takes
+``*args, **kwargs``), save and reload the adapter only (``save_pretrained`` / ``load_adapter``), and patch
+the base model (``get_base_model()``).  A ``ReplayModelWrapper`` around a PEFT model presents the same:
+its class answers ``isinstance(wrapper, PeftModel)``, its ``forward`` signature is the base model's, and the
+rest (``get_base_model``, ``peft_config``, ``save_pretrained``, ``load_adapter``, ...) is the PEFT model's own,
+read through the wrapper.  The pipeline itself runs the PEFT model's ``forward`` -- adapters included.
+
+Nothing here imports peft: a model is a PEFT model when peft is imported and it is one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Any
+
+from torch import nn
+
+
+def peft_class(model: nn.Module) -> type | None:
+    """``model``'s class when it is a PEFT model (``peft.PeftModel`` or ``PeftMixedModel``), else None."""
+    peft = sys.modules.get("peft")
+    if peft is None:
+        return None
+    classes = tuple(c for c in (getattr(peft, "PeftModel", None), getattr(peft, "PeftMixedModel", None)) if c)
+    return type(model) if classes and isinstance(model, classes) else None
+
+
+def base_model(model: nn.Module) -> nn.Module | None:
+    """The transformers model under a PEFT model's adapters (None for any other model)."""
+    if peft_class(model) is None:
+        return None
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model.base_model.model
+
+
+def forward_signature(model: nn.Module) -> inspect.Signature | None:
+    """The signature libraries should see for ``model.forward``: the base model's for a PEFT model."""
+    base = base_model(model)
+    target = type(base) if base is not None else type(model)
+    try:
+        return inspect.signature(target.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def takes_use_cache(model: nn.Module) -> bool:
+    """Whether the model's ``forward`` -- for a PEFT model, its base model's, which receives the PEFT model's
+    ``**kwargs`` -- takes ``use_cache``."""
+    base = base_model(model)
+    target: Any = base if base is not None else model
+    try:
+        return "use_cache" in inspect.signature(target.forward).parameters
+    except (TypeError, ValueError):
+        return False
