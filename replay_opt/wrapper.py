@@ -19,8 +19,8 @@ from .cut.partition import Balance, Partition, Program, Stage
 from .integrations.accelerate import install as install_accelerate
 from .integrations.accelerate import warn_if_read_early
 from .integrations.peft import forward_signature, peft_class
-from .integrations.trl import FusedHead, adopt_patched
 from .integrations.trainer import install as install_trainer
+from .integrations.trl import FusedHead, adopt_patched
 from .methods import make_method
 from .methods.batchnorm import frozen_running_stats
 from .methods.bp import Backprop, GPipe
