@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -58,9 +59,14 @@ def engine_running() -> Iterator[None]:
 
 
 class Guard:
-    """The pre-hooks on one wrapped model, and whether they are armed (the wrapper's method, for the message)."""
+    """The pre-hooks on one wrapped model, and whether they are armed (the wrapper's method, for the message).
+    A model wrapped again is guarded by its newest wrapper only."""
 
     def __init__(self, model: nn.Module, method: str) -> None:
+        earlier = _guards.get(model)
+        if earlier is not None:
+            earlier.remove()
+        _guards[model] = self
         self.method = method
         self.armed = True
         root = type(model).__name__
@@ -85,6 +91,9 @@ class Guard:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+
+_guards: weakref.WeakKeyDictionary[nn.Module, Guard] = weakref.WeakKeyDictionary()
 
 
 def _disarmed(method: str) -> Guard:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .bypass import engine_running
 from .methods.batchnorm import frozen_running_stats
 from .methods.history import detached, to_device
 
@@ -108,7 +109,7 @@ class SigmaProbe:
         partition = self.model.partition
         stages = partition.stages
         devices = [s.device for s in stages if s.device.type != "cpu"]
-        with contextlib.ExitStack() as stack, torch.enable_grad():
+        with contextlib.ExitStack() as stack, torch.enable_grad(), engine_running():  # (a measurement: nothing trains)
             stack.enter_context(
                 torch.random.fork_rng(devices=devices, device_type=devices[0].type if devices else "cuda")
             )

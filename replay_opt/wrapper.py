@@ -22,7 +22,6 @@ from .integrations.peft import forward_signature, peft_class
 from .integrations.trainer import install as install_trainer
 from .integrations.trl import FusedHead, adopt_patched
 from .methods import make_method
-from .methods.batchnorm import frozen_running_stats
 from .methods.bp import Backprop, GPipe
 from .methods.history import to_device
 from .multiprocess.checkpoints import FreshStateDict
@@ -150,10 +149,11 @@ class ReplayModelWrapper(nn.Module):
         # ``module`` and must not appear twice in parameters() or state_dict()):
         # ``partition`` the cut (cut/), ``algorithm`` the method (methods/), ``rank`` this process's module of a
         # multi-process pipeline (multiprocess/; None in one process).
-        self.partition = Partition(
-            module, num_modules=num_modules, split_points=split_points, balance=balance,
-            example_inputs=example_inputs, capture=capture,
-        )  # fmt: skip
+        with engine_running():  # (capturing and profiling run the model)
+            self.partition = Partition(
+                module, num_modules=num_modules, split_points=split_points, balance=balance,
+                example_inputs=example_inputs, capture=capture,
+            )  # fmt: skip
         self._stages: list[Stage] = self.partition.stages
         self.algorithm = make_method(method, self._stages)
         _set_microbatches(self.algorithm, microbatches, layout is not None)
@@ -310,13 +310,19 @@ class ReplayModelWrapper(nn.Module):
         again, with the same random draws.  ``every_n_layers=n`` checkpoints modules 1, 1+n, ...;
         ``activation_checkpointing_kwargs`` go to ``torch.utils.checkpoint`` (always non-reentrant: the modules'
         inputs need not require gradients)."""
+        if self.method == "ddg":
+            raise ValueError(
+                "method='ddg' back-propagates each module's graph one step later, after optimizer.step(): "
+                "checkpointing would recompute it at the new weights, which is not DDG. Drop activation/gradient "
+                "checkpointing (gradient_checkpointing=False), or use method='fr', whose replay recomputes by design"
+            )
         if offload:
             raise ValueError(
                 "offload=True (activation offloading) is not supported inside a ReplayModelWrapper; drop it "
                 "(activation_checkpointing_kwargs={'offload': False}) -- checkpointing alone still applies"
             )
         options = dict(activation_checkpointing_kwargs or gradient_checkpointing_kwargs or {})
-        self.partition.checkpoint(every=every_n_layers, recompute=frozen_running_stats, **options)
+        self.partition.checkpoint(every=every_n_layers, **options)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None,
                                       **kwargs: Any) -> None:  # fmt: skip
@@ -376,8 +382,10 @@ class ReplayModelWrapper(nn.Module):
         kwargs = dict(kwargs)
         fused = kwargs.pop("fused_lm_head")
         head = self._fused_head = self._fused_head or adopt_patched(self.module)
+        # (ReplayModelWrapper.forward, not self.forward: this call came through any wrapper put on self.forward --
+        # Accelerate's autocast, say, whose context object must not be entered twice)
         if not fused:
-            return self.forward(*args, **kwargs)
+            return ReplayModelWrapper.forward(self, *args, **kwargs)
         if head is None:
             raise ValueError(
                 "fused_lm_head=True, but no fused LM head was added to this model: call "
@@ -385,7 +393,7 @@ class ReplayModelWrapper(nn.Module):
             )
         labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
         count = kwargs.pop("num_items_in_batch", None)
-        out = self.forward(*args, **kwargs)
+        out = ReplayModelWrapper.forward(self, *args, **kwargs)
         aux = getattr(out, "aux_loss", None) if kwargs.get("output_router_logits") else None
         coef = getattr(getattr(self.module, "config", None), "router_aux_loss_coef", 0.0)
         return head(out.logits, labels, shift_labels, count, aux, coef)

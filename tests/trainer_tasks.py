@@ -49,8 +49,10 @@ def prepare(root: str) -> None:
         (out / f"{name}.csv").write_text("\n".join(rows) + "\n")
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=40))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(docs, trainers.WordPieceTrainer(vocab_size=160, special_tokens=["[UNK]", "[PAD]"]))
-    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    specials = ["[UNK]", "[PAD]", "[EOS]"]
+    tok.train_from_iterator(docs, trainers.WordPieceTrainer(vocab_size=160, special_tokens=specials))
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                           eos_token="[EOS]")  # fmt: skip
     tokenizer.save_pretrained(str(out / "tokenizer"))
     vocab = len(tokenizer)
     torch.manual_seed(0)

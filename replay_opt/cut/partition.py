@@ -108,27 +108,42 @@ class StageDispatch(nn.Module):
 @dataclass
 class Checkpointing:
     """Activation checkpointing per pipeline module: a module's forward that builds a graph keeps only its inputs;
-    backward runs it again (``torch.utils.checkpoint``, non-reentrant, the same random draws), with BatchNorm's
-    running statistics left alone the second time (``recompute``: a context for the module)."""
+    backward runs it again (``torch.utils.checkpoint``, non-reentrant, with the same random draws) and puts its
+    buffers back as they were, so BatchNorm's running statistics count each batch once."""
 
     every: int
-    recompute: Callable[[nn.Module], contextlib.AbstractContextManager[None]]
     options: dict[str, Any] = field(default_factory=dict)
 
     def covers(self, index: int) -> bool:
         return index % self.every == 0
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...]) -> Any:
+        # How the forward ran -- BatchNorm tracking its statistics or not (a replay does not), a captured graph's
+        # frozen variant or not -- so that the recomputation runs alike and saves the same tensors.
+        modes = [(m, a, getattr(m, a)) for m in module.modules() for a in _MODES if hasattr(m, a)]
         ran = []
 
         def run(*values: Any) -> Any:
             if not ran:  # the forward
                 ran.append(True)
                 return module(*values)
-            with self.recompute(module):  # backward's recomputation
+            buffers = [(b, b.detach().clone()) for b in module.buffers()]  # backward's recomputation
+            now = [(m, a, getattr(m, a)) for m, a, _ in modes]
+            try:
+                for m, a, value in modes:
+                    setattr(m, a, value)
                 return module(*values)
+            finally:
+                for m, a, value in now:
+                    setattr(m, a, value)
+                with torch.no_grad():
+                    for b, kept in buffers:
+                        b.copy_(kept)
 
         return torch.utils.checkpoint.checkpoint(run, *inputs, use_reentrant=False, **self.options)
+
+
+_MODES = ("track_running_stats", "_freeze")  # BatchNorm's, and a stage module's frozen_running_stats() flag
 
 
 @dataclass
@@ -221,12 +236,7 @@ class Partition:
                 'training batches; pass it, or use the default balance="params"'
             )
 
-    def checkpoint(
-        self,
-        every: int,
-        recompute: Callable[[nn.Module], contextlib.AbstractContextManager[None]] | None = None,
-        **options: Any,
-    ) -> None:
+    def checkpoint(self, every: int, **options: Any) -> None:
         """Checkpoint modules 1, 1+every, 1+2*every, ... (``every=0``: none); ``options`` for
         ``torch.utils.checkpoint.checkpoint``."""
         if not isinstance(every, int) or isinstance(every, bool) or every < 0:
@@ -238,7 +248,7 @@ class Partition:
                 f"unknown checkpointing options {sorted(unknown)}; torch.utils.checkpoint takes preserve_rng_state, "
                 "determinism_check, debug, context_fn"
             )
-        self.checkpointing = None if every == 0 else Checkpointing(every, recompute or _nothing, options)
+        self.checkpointing = None if every == 0 else Checkpointing(every, options)
 
     # ----------------------------------------------------------------------- programs
 
@@ -391,11 +401,6 @@ class Partition:
         program = self._capture(call, True, call.key(True), graph)
         names = [p.name for p in self.signature.parameters.values()][: len(args)]
         program.name = f"train: {', '.join(names)} (at construction)"
-
-
-@contextlib.contextmanager
-def _nothing(module: nn.Module) -> Iterator[None]:
-    yield
 
 
 def _check_balance(balance: Balance, num_modules: int) -> None:

@@ -1,0 +1,160 @@
+"""PEFT (LoRA) and TRL's ``SFTTrainer`` with the two lines (``tests/finetune_tasks.py``).
+
+The references are the unmodified scripts: ``method="bp"`` must give their losses and weights (adapters and
+all), ``method="fr"`` must train with Features Replay -- never plain backprop in disguise: with K=2, module 1
+has no gradient in the first step, so after one step the adapters of module 1 are exactly as initialised while
+module 2's moved, which no backprop run can show.  Saved adapters reload with ``PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("trl")
+pytest.importorskip("datasets")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import finetune_tasks
+import trainer_tasks
+
+MODULE_1 = "layers.0."  # with K=2 and balance by parameters, the tiny Llama's first block is in module 1
+
+
+@pytest.fixture(scope="session")
+def hf_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_files")
+    trainer_tasks.prepare(str(root))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def runs(hf_files, tmp_path_factory):
+    """Runs of a task by its settings, each done once per module."""
+    done: dict = {}
+
+    def get(task, **kwargs):
+        key = (task, *sorted(kwargs.items()))
+        if key not in done:
+            out = tmp_path_factory.mktemp(task)
+            done[key] = {**getattr(finetune_tasks, task)(hf_files, str(out), **kwargs), "out": str(out)}
+        return done[key]
+
+    return get
+
+
+def assert_close(a, b, atol=1e-5):
+    assert torch.allclose(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), atol=atol), (
+        a, b)  # fmt: skip
+
+
+def assert_same(a: dict, b: dict, atol: float = 1e-5, only: str = "") -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if only in k:
+            assert torch.allclose(a[k].float(), b[k].float(), atol=atol), (k, (a[k] - b[k]).abs().max())
+
+
+def adapters(state: dict) -> dict:
+    return {k: v for k, v in state.items() if "lora_" in k}
+
+
+def assert_trained_by_fr(initial: dict, fr: dict, plain: dict) -> None:
+    """FR trained the adapters only, all of them, differently from backprop."""
+    for k, v in initial.items():
+        if "lora_" not in k:
+            assert torch.equal(fr[k], v), f"{k} is frozen but moved"
+    moved = [k for k in adapters(initial) if not torch.equal(fr[k], initial[k])]
+    assert moved
+    assert any(not torch.allclose(fr[k], plain[k], atol=1e-4) for k in moved)
+
+
+def test_lora_under_trainer(runs, hf_files):
+    """``get_peft_model`` + the two lines under ``Trainer``: the dataset's columns kept by the base model's
+    signature, bp gives plain's losses and adapter weights, fr moves the adapters only; ``save_model`` writes the
+    adapter, which ``PeftModel.from_pretrained`` reloads to the trained weights."""
+    plain, bp, fr = (runs("lora_trainer", method=m) for m in (None, "bp", "fr"))
+    assert len(bp["losses"]) == 4
+    assert_close(bp["losses"], plain["losses"])
+    assert_same(bp["weights"], plain["weights"])
+    initial = {k: v for k, v in finetune_tasks.lora(hf_files).state_dict().items()}
+    assert_trained_by_fr(initial, fr["weights"], plain["weights"])
+    for run in (bp, fr):
+        out = Path(run["out"])
+        assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+        assert not (out / "model.safetensors").exists()  # the adapter, not the whole model
+        assert_same(finetune_tasks.reload_adapter(hf_files, str(out)), run["weights"], atol=0)
+
+
+def test_lora_trainer_resumes_exactly(runs, tmp_path, hf_files):
+    whole = runs("lora_trainer", method="fr", save_steps=2)
+    resumed = finetune_tasks.lora_trainer(hf_files, str(tmp_path), method="fr", save_steps=2,
+                                          resume=str(Path(whole["out"]) / "checkpoint-2"))  # fmt: skip
+    assert_close(resumed["losses"][-2:], whole["losses"][2:])  # steps 3-4, trained again from the checkpoint
+    assert_same(resumed["weights"], whole["weights"], atol=0)
+
+
+def test_fr_first_step_leaves_module_1_alone(hf_files, tmp_path):
+    """The signature of Features Replay that plain backprop cannot show: after one step with K=2, module 1's
+    adapters are as initialised (no stale gradient yet) and module 2's moved."""
+    initial = finetune_tasks.lora(hf_files).state_dict()
+    for task in ("lora_trainer", "sft"):
+        one = getattr(finetune_tasks, task)(hf_files, str(tmp_path / task), method="fr", max_steps=1,
+                                            **({"peft": True} if task == "sft" else {}))  # fmt: skip
+        first = {k for k in adapters(initial) if MODULE_1 in k}
+        assert first and all(torch.equal(one["weights"][k], initial[k]) for k in first), task
+        assert any(not torch.equal(one["weights"][k], initial[k]) for k in adapters(initial) if k not in first), task
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_sft_trainer_with_its_defaults(runs, hf_files, peft):
+    """``SFTTrainer`` with ``SFTConfig``'s defaults (gradient checkpointing on, the fused LM head, its metrics):
+    bp gives plain's losses, metrics and weights; fr trains with Features Replay; the saved model or adapter
+    reloads."""
+    plain, bp, fr = (runs("sft", method=m, peft=peft) for m in (None, "bp", "fr"))
+    assert bp["checkpointing"] and fr["checkpointing"]
+    for key in ("losses", "accuracy", "entropy"):
+        assert_close(bp[key], plain[key])
+    assert_same(bp["weights"], plain["weights"])
+    assert not all(torch.equal(fr["weights"][k], bp["weights"][k]) for k in bp["weights"])
+    if peft:
+        initial = finetune_tasks.lora(hf_files).state_dict()
+        assert_trained_by_fr(initial, fr["weights"], plain["weights"])
+        assert_same(finetune_tasks.reload_adapter(hf_files, bp["out"]), bp["weights"], atol=0)
+
+
+def test_sft_trainer_bf16_default(runs):
+    """SFTConfig's default bf16 too: bp within bfloat16's rounding of plain (TRL's chunked head and the model's
+    own LM head round differently)."""
+    plain, bp = (runs("sft", method=m, bf16=True, max_steps=2) for m in (None, "bp"))
+    assert_close(bp["losses"], plain["losses"], atol=2e-2)
+
+
+def test_lora_in_an_accelerate_loop(runs, hf_files):
+    """``out = model(input_ids=..., labels=...)`` on a wrapped LoRA model: ``use_cache=False`` reaches the base
+    model through PEFT's ``**kwargs``; bp is plain; the adapter saved by ``unwrap_model(...).save_pretrained``
+    reloads."""
+    plain, bp, fr = (runs("lora_loop", method=m) for m in (None, "bp", "fr"))
+    assert_close(bp["losses"], plain["losses"])
+    assert_same(bp["weights"], plain["weights"])
+    assert_trained_by_fr(finetune_tasks.lora(hf_files).state_dict(), fr["weights"], plain["weights"])
+    assert_same(finetune_tasks.reload_adapter(hf_files, fr["out"]), fr["weights"], atol=0)
+
+
+@pytest.mark.slow
+def test_one_process_per_module(cpu_cluster, runs, hf_files, tmp_path):
+    """The same scripts under ``accelerate launch --num_processes 2``: one process's losses and weights, on every
+    rank, for bp and fr; the adapter saved from the main process reloads."""
+    for task, settings in (("lora_trainer", {}), ("sft", {"peft": True}), ("lora_loop", {})):
+        for method in ("bp", "fr"):
+            one = runs(task, method=method, **settings)
+            out = tmp_path / f"{task}-{method}"
+            ranks = cpu_cluster.run(f"finetune_tasks:{task}", root=hf_files, out=str(out), method=method, **settings)
+            assert_close(ranks[0]["losses"], one["losses"])
+            for rank in ranks:
+                assert_same(rank["weights"], one["weights"])
+            assert_same(finetune_tasks.reload_adapter(hf_files, str(out)), one["weights"], only="lora_")
