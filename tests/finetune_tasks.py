@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import trainer_tasks
 
-LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+# Dropout on the adapters' inputs: one process per module must draw one process's masks.
+LORA = dict(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
 
 
 def quiet() -> None:

@@ -42,7 +42,7 @@ from ..methods.bp import Backprop
 from ..methods.history import detached, to_device
 from ..methods.join import StaleGradients, join
 from ..methods.stale import StaleGradientMethod
-from . import registry
+from . import registry, rng
 from .collectives import Collectives
 from .layout import Layout
 from .placeholders import Placeholders
@@ -87,6 +87,7 @@ class Rank:
         self._pending: StaleGradients | None = None  # the last training step, until it is finished
         self._sends_down = False  # module s-1 expects this step's gradient
         self._batch = 0
+        self._early_state: tuple[Any, ...] | None = None  # module K's generator state, arrived ahead (rng.py)
         self._checked_split = False
         self.training_step = make_training_step(self)
         registry.register(self)
@@ -183,13 +184,34 @@ class Rank:
         return self.header(Kind.ACTIVATIONS, call, self.ticks < FINGERPRINTED_STEPS)
 
     def receive_input(self, kind: Kind, call: Call, header: Header, what: str) -> tuple[Any, ...]:
-        """This module's inputs: the batch's on module 1, else what module s-1 sent (checked against ``header``)."""
+        """This module's inputs: the batch's on module 1, else what module s-1 sent (checked against ``header``);
+        a training step's come with module s-1's generator state, which this module continues from."""
         s = self.layout.stage
         if s == 0:
             return to_device(detached(call.inputs), self.device)
         got, values = self.recv(s - 1, kind, what)
         self.check_same_step(s - 1, got, header)
+        if kind == Kind.ACTIVATIONS:
+            values, state = rng.split(values)
+            rng.adopt(state, self.device)
         return values
+
+    def send_activations(self, header: Header, values: tuple[Any, ...]) -> None:
+        """A training step's activations to module s+1, with the generator state this module's forward ended at."""
+        self.transport.send(self.layout.stage + 1, header, (*values, *rng.state(self.device)))
+
+    def send_stream_state(self, batch: int) -> None:
+        """Module K, after its training forward: every other module ends the step at this generator state."""
+        state = rng.state(self.device)
+        for s in range(self.layout.num_modules - 1):
+            self.transport.send(s, self.header(Kind.RNG, batch), state)
+
+    def adopt_stream_state(self) -> None:
+        """Finishing a training step (module < K): continue from module K's generator state."""
+        state, self._early_state = self._early_state, None
+        if state is None:
+            _, state = self.recv(self.layout.num_modules - 1, Kind.RNG, "the last module's generator state")
+        rng.adopt(state, self.device)
 
     def recv(self, from_stage: int, expect: Kind | tuple[Kind, ...], what: str) -> tuple[Header, tuple[Any, ...]]:
         """The next message of kind ``expect`` from ``from_stage``; a stale gradient ahead of it is kept."""
@@ -200,6 +222,9 @@ class Rank:
                 return got, values
             if got.kind in (Kind.GRADIENT, Kind.DROPPED) and from_stage == self.layout.stage + 1:
                 self._keep_early(got, values)  # ahead of a tied-weights message on the same channel
+                continue
+            if got.kind == Kind.RNG:
+                self._keep_state(values)  # ahead of a collective point's message
                 continue
             raise self.transport.mismatch(from_stage, got, what)
 
@@ -235,6 +260,13 @@ class Rank:
             raise PipelineError(
                 f"{me} and rank {peer} (module {from_stage + 1}) got different batches: " + same_batches
             )
+
+    def _keep_state(self, values: tuple[Any, ...]) -> None:
+        if self._early_state is not None:
+            raise PipelineError(
+                f"rank {self.layout.rank}: two generator states of the last module arrived within one training step"
+            )
+        self._early_state = values
 
     def _keep_early(self, got: Header, values: tuple[Any, ...]) -> None:
         """A stale gradient that arrived ahead of another message on the same channel (a sync, a tied
@@ -276,11 +308,18 @@ class Rank:
                 if got.kind in (Kind.GRADIENT, Kind.DROPPED) and s == below:
                     early.put((got, values))
                     continue
+                if got.kind == Kind.RNG:
+                    early.put((got, values))
+                    continue
                 return got, values
 
         def keep_all_early() -> None:
             while not early.empty():
-                self._keep_early(*early.get())
+                got, values = early.get()
+                if got.kind == Kind.RNG:
+                    self._keep_state(values)
+                else:
+                    self._keep_early(got, values)
 
         if len(stages) == 1:
             got, values = next_message(stages[0])
@@ -335,7 +374,7 @@ class Rank:
     def restore_counters(self, counters: dict[str, int]) -> None:
         """Resume at a checkpoint's counters, with no step pending."""
         self.ticks, self.evals = counters["ticks"], counters.get("evals", 0)
-        self._pending, self._sends_down = None, False
+        self._pending, self._sends_down, self._early_state = None, False, None
 
     def close(self) -> None:
         """Leave together: every module reaches the end and every posted send has gone out."""

@@ -33,6 +33,7 @@ from ..methods.bp import Backprop, GPipe
 from ..methods.history import to_device
 from ..methods.join import StaleGradients
 from ..methods.stale import StaleGradientMethod, grads_of
+from . import rng
 from .schedules import Microbatched
 from .wire import Kind
 
@@ -96,7 +97,7 @@ class StaleStep:
 
             def send_up_then_receive(played: tuple[Any, ...], due: bool) -> Any:
                 # Post the activations first, so module s+1 can start while this rank waits.
-                rank.transport.send(s + 1, header, played)
+                rank.send_activations(header, played)
                 grads_in = restored[s] if restored is not None else None
                 if restored is None and due:
                     got, values = rank.recv(s + 1, (Kind.GRADIENT, Kind.DROPPED), "the stale gradient")
@@ -107,11 +108,15 @@ class StaleStep:
             out = rank.placeholder(call, requires_grad=True)
         else:
             out = m.run_last(x)
+            rank.send_stream_state(call.batch_size())  # the state one process has when the step ends
         m.account()
         return Started(out, StaleGradients(outputs, grads, on_backward=_noop), sends_down)
 
     def finish(self, discarded: bool) -> tuple[Any, ...]:
-        return () if discarded else self.method.input_gradients(self.rank.layout.stage)
+        rank = self.rank
+        if rank.layout.stage < rank.layout.num_modules - 1:
+            rank.adopt_stream_state()  # (module K's, sent after its forward)
+        return () if discarded else self.method.input_gradients(rank.layout.stage)
 
 
 class ExactStep:
@@ -129,16 +134,19 @@ class ExactStep:
         out = rank.method.run_stage(rank.stage, x)
 
         def send_down() -> None:  # the end of this rank's backward: module s-1 is waiting for it
-            if s > 0:
-                rank.transport.send(s - 1, rank.header(Kind.GRADIENT, batch), grads_of(x))
+            if s > 0:  # (with the generator state after module K, which every module then continues from)
+                down = (*grads_of(x), *rng.state(rank.device))
+                rank.transport.send(s - 1, rank.header(Kind.GRADIENT, batch), down)
 
         if s == k - 1:
             return Started(out, StaleGradients([], [], on_backward=send_down))
-        rank.transport.send(s + 1, header, out)
+        rank.send_activations(header, out)
         wired = [i for i, v in enumerate(out) if isinstance(v, torch.Tensor) and v.requires_grad]
 
         def output_gradient() -> list[torch.Tensor | None]:
             _, values = rank.recv(s + 1, Kind.GRADIENT, "the gradient of this step's output (method='bp')")
+            values, state = rng.split(values)
+            rng.adopt(state, rank.device)
             return [values[i] for i in wired]
 
         exact = StaleGradients([out[i] for i in wired], output_gradient, on_backward=send_down)

@@ -43,6 +43,7 @@ class Kind(IntEnum):
     DROPPED = 4  # module s -> s-1, that step was discarded (zero_grad without step): no gradient
     TIED = 5  # a tied parameter's gradient, between the modules that share it
     SYNC = 6  # a collective point; ``op`` says which
+    RNG = 7  # module K -> the others, after its training forward: the generator state one process has (rng.py)
 
 
 class Op(IntEnum):
@@ -60,6 +61,7 @@ DOING = {
     Kind.GRADIENT: "finishing a training step (sending its gradient)",
     Kind.DROPPED: "finishing a discarded training step",
     Kind.TIED: "exchanging tied weights' gradients (optimizer.step())",
+    Kind.RNG: "training (it ran the last module's forward)",
 }
 POINTS = {
     Op.BARRIER: "accelerator.wait_for_everyone()",
