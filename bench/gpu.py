@@ -400,10 +400,11 @@ def section_step_time(s: Settings, out: Path, deadline: float) -> dict:
             notes.append(f"{task.name}: skipped, past the time budget")
             continue
         data = task.batch(batch, seed=300, device=s.device)
-        # One model object for every configuration: captured once (a capture is cached per model object), weights
-        # shared; each wrapper has its own optimizer and pipeline state.
+        # One model object for every wrapped configuration: captured once (a capture is cached per model object),
+        # weights shared; each wrapper has its own optimizer and pipeline state.
         model = fresh(task, s.device)
-        trainers = [Trainer(task, model, "plain", 1, lr=1e-3)]
+        # (the plain run trains a copy: the model inside a wrapper trains through it only, replay_opt/bypass.py)
+        trainers = [Trainer(task, copy.deepcopy(model), "plain", 1, lr=1e-3)]
         trainers += [Trainer(task, model, method, k, lr=1e-3) for k in s.ks for method in STEP_METHODS]
         times: dict[str, list[float]] = {t.label: [] for t in trainers}
         first_step_s: dict[str, float] = {}

@@ -179,3 +179,28 @@ def reload_adapter(root: str, directory: str) -> dict[str, torch.Tensor]:
     from peft import PeftModel
 
     return {k: v.clone() for k, v in PeftModel.from_pretrained(base(root), directory).state_dict().items()}
+
+
+def dpo(root: str, out: str, *, method: str | None = None, modules: int = 2, max_steps: int = 3) -> dict[str, Any]:
+    """TRL's ``DPOTrainer`` on a LoRA model (the reference is the model with its adapters off): prompts, chosen
+    and rejected continuations cut from the text file."""
+    import datasets
+    import transformers
+    from trl import DPOConfig, DPOTrainer
+
+    trainer_tasks.fresh_accelerate()
+    quiet()
+    transformers.set_seed(0)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(Path(root) / "tokenizer"))
+    rows = [r["text"] for r in text(root)["train"] if len(r["text"]) >= 60][:16]
+    pairs = {"prompt": [r[:20] for r in rows], "chosen": [r[20:40] for r in rows], "rejected": [r[40:60] for r in rows]}
+    net = lora(root)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    net, optimizer = two_lines(net, optimizer, method, modules)
+    args = DPOConfig(output_dir=out, per_device_train_batch_size=4, max_steps=max_steps, logging_steps=1,
+                     report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", bf16=False)  # fmt: skip
+    trainer = DPOTrainer(model=net, args=args, train_dataset=datasets.Dataset.from_dict(pairs),
+                         processing_class=tokenizer, optimizers=(optimizer, None))  # fmt: skip
+    trainer.train()
+    history = trainer.state.log_history
+    return {"losses": [h["loss"] for h in history if "loss" in h], "weights": weights(net, method)}

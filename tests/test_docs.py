@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-SLOW_DOCS = {"trainer.md"}  # python blocks that train a transformers model through Trainer: in the slow set
+SLOW_DOCS = {"trainer.md", "finetuning.md"}  # python blocks that train through Trainer or TRL: in the slow set
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
 
 

@@ -134,6 +134,15 @@ def test_sft_trainer_bf16_default(runs):
     assert_close(bp["losses"], plain["losses"], atol=2e-2)
 
 
+def test_dpo_trainer(runs, hf_files):
+    """TRL's ``DPOTrainer`` (the same fused head; the reference log-probabilities from the model with its adapters
+    off, under ``torch.no_grad()``): bp is plain, fr trains the adapters with Features Replay."""
+    plain, bp, fr = (runs("dpo", method=m) for m in (None, "bp", "fr"))
+    assert_close(bp["losses"], plain["losses"])
+    assert_same(bp["weights"], plain["weights"])
+    assert_trained_by_fr(finetune_tasks.lora(hf_files).state_dict(), fr["weights"], plain["weights"])
+
+
 def test_lora_in_an_accelerate_loop(runs, hf_files):
     """``out = model(input_ids=..., labels=...)`` on a wrapped LoRA model: ``use_cache=False`` reaches the base
     model through PEFT's ``**kwargs``; bp is plain; the adapter saved by ``unwrap_model(...).save_pretrained``
@@ -147,8 +156,9 @@ def test_lora_in_an_accelerate_loop(runs, hf_files):
 
 @pytest.mark.slow
 def test_one_process_per_module(cpu_cluster, runs, hf_files, tmp_path):
-    """The same scripts under ``accelerate launch --num_processes 2``: one process's losses and weights, on every
-    rank, for bp and fr; the adapter saved from the main process reloads."""
+    """The same scripts under ``accelerate launch --num_processes 2`` (LoRA dropout on): one process's losses and
+    weights, on every rank, for bp and fr; the adapter saved from the main process reloads; a checkpoint resumes
+    exactly."""
     for task, settings in (("lora_trainer", {}), ("sft", {"peft": True}), ("lora_loop", {})):
         for method in ("bp", "fr"):
             one = runs(task, method=method, **settings)
@@ -158,3 +168,13 @@ def test_one_process_per_module(cpu_cluster, runs, hf_files, tmp_path):
             for rank in ranks:
                 assert_same(rank["weights"], one["weights"])
             assert_same(finetune_tasks.reload_adapter(hf_files, str(out)), one["weights"], only="lora_")
+    # A checkpoint written by two processes resumes exactly in two processes.
+    whole = runs("lora_trainer", method="fr", save_steps=2)
+    ranks = cpu_cluster.run("finetune_tasks:lora_trainer", root=hf_files, out=str(tmp_path / "ckpt"), method="fr",
+                            save_steps=2)  # fmt: skip
+    resumed = cpu_cluster.run("finetune_tasks:lora_trainer", root=hf_files, out=str(tmp_path / "resumed"),
+                              method="fr", save_steps=2, resume=str(tmp_path / "ckpt" / "checkpoint-2"))  # fmt: skip
+    assert_close(ranks[0]["losses"], whole["losses"])
+    assert_close(resumed[0]["losses"][-2:], whole["losses"][2:])
+    for rank in resumed:
+        assert_same(rank["weights"], whole["weights"])
