@@ -105,6 +105,12 @@ class ReplayModelWrapper(nn.Module):
     A cache (``use_cache=True`` in a transformers config) is never requested in a
     forward that runs through the cut: ``use_cache=False`` is passed wherever the
     model's ``forward`` takes it.
+
+    A PEFT model is presented as one (``isinstance(wrapper, PeftModel)``, the base
+    model's ``forward`` signature; ``integrations/peft.py``); TRL's fused LM head is
+    computed on the pipeline's output (``integrations/trl.py``); gradient checkpointing
+    recomputes each module in backward (``gradient_checkpointing_enable``); and the
+    model's modules train through the wrapper only (``bypass.py``).
     """
 
     def __new__(cls, module: Any = None, *args: Any, **kwargs: Any) -> ReplayModelWrapper:
@@ -279,9 +285,9 @@ class ReplayModelWrapper(nn.Module):
             return getattr(module, name)  # the model's attribute: config, name_or_path, generation_config, ...
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "forward" and FusedHead.of(value) is not None:
-            # TRL's add_fused_lm_head(model): the pipeline computes the head on its output instead (integrations/trl.py)
-            self._fused_head = FusedHead.of(value)
+        head = FusedHead.of(value) if name == "forward" else None
+        if head is not None:  # TRL's add_fused_lm_head(model): computed on the pipeline's output (integrations/trl.py)
+            self._fused_head = head
             return
         super().__setattr__(name, value)
 

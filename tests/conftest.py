@@ -91,3 +91,14 @@ def cpu_cluster():
     c = Cluster(2, env={"ACCELERATE_USE_CPU": "1"})
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def hf_files(tmp_path_factory):
+    """The local files of the Hugging Face tests (``tests/trainer_tasks.py``: text, csv, a trained tokenizer, tiny
+    models written by ``save_pretrained``), written once per session."""
+    import trainer_tasks
+
+    root = tmp_path_factory.mktemp("hf_files")
+    trainer_tasks.prepare(str(root))
+    return str(root)

@@ -20,16 +20,8 @@ pytest.importorskip("datasets")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune_tasks
-import trainer_tasks
 
 MODULE_1 = "layers.0."  # with K=2 and balance by parameters, the tiny Llama's first block is in module 1
-
-
-@pytest.fixture(scope="session")
-def hf_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf_files")
-    trainer_tasks.prepare(str(root))
-    return str(root)
 
 
 @pytest.fixture(scope="module")

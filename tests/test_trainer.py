@@ -31,13 +31,6 @@ SCRIPT = dict(accumulation=2, max_grad_norm=0.5, save_steps=3)
 SETTINGS = {"gpt2": SCRIPT, "llama": SCRIPT, "bert": SCRIPT}
 
 
-@pytest.fixture(scope="session")
-def hf_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf_files")
-    trainer_tasks.prepare(str(root))
-    return str(root)
-
-
 @pytest.fixture(scope="module")
 def runs(hf_files, tmp_path_factory):
     """Runs of the script by their settings, each done once per module."""
