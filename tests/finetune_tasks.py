@@ -55,6 +55,21 @@ def two_lines(net: Any, optimizer: Any, method: str | None, modules: int) -> tup
     return trainer_tasks.two_lines(net, optimizer, method, modules)
 
 
+def after_first_step(net: Any, method: str | None) -> Any:
+    """A Trainer callback keeping every weight after the first optimizer step (``first``)."""
+    from transformers import TrainerCallback
+
+    class First(TrainerCallback):
+        def __init__(self) -> None:
+            self.first: dict[str, torch.Tensor] = {}
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 1:
+                self.first = weights(net, method)
+
+    return First()
+
+
 def weights(net: Any, method: str | None) -> dict[str, torch.Tensor]:
     """Every weight of the model (the PEFT model's keys), on every rank."""
     model = net.module if method is not None else net
@@ -67,7 +82,7 @@ def lora_trainer(
     *,
     method: str | None = None,
     modules: int = 2,
-    max_steps: int = 4,
+    max_steps: int = 3,
     save_steps: int | None = None,
     resume: str | None = None,
 ) -> dict[str, Any]:
@@ -87,12 +102,14 @@ def lora_trainer(
         use_cpu=True, disable_tqdm=True, dataloader_drop_last=True, save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500, seed=0,
     )  # fmt: skip
+    first = after_first_step(net, method)
     trainer = Trainer(model=net, args=args, train_dataset=data["train"], processing_class=tokenizer,
-                      data_collator=default_data_collator, optimizers=(optimizer, None))  # fmt: skip
+                      data_collator=default_data_collator, optimizers=(optimizer, None), callbacks=[first])  # fmt: skip
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     history = trainer.state.log_history
-    return {"losses": [h["loss"] for h in history if "loss" in h], "weights": weights(net, method)}
+    return {"losses": [h["loss"] for h in history if "loss" in h], "weights": weights(net, method),
+            "first": first.first}  # fmt: skip
 
 
 def sft(
@@ -122,8 +139,9 @@ def sft(
     args = SFTConfig(output_dir=out, per_device_train_batch_size=4, max_steps=max_steps, max_length=24,
                      logging_steps=1, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no",
                      bf16=bf16)  # fmt: skip
+    first = after_first_step(net, method)
     trainer = SFTTrainer(model=net, args=args, train_dataset=text(root)["train"], processing_class=tokenizer,
-                         optimizers=(optimizer, None))  # fmt: skip
+                         optimizers=(optimizer, None), callbacks=[first])  # fmt: skip
     trainer.train()
     trainer.save_model()
     history = trainer.state.log_history
@@ -134,10 +152,11 @@ def sft(
         "entropy": [h["entropy"] for h in logged],
         "checkpointing": args.gradient_checkpointing and (method is None or net.is_gradient_checkpointing),
         "weights": weights(net, method),
+        "first": first.first,
     }
 
 
-def lora_loop(root: str, out: str, *, method: str | None = None, modules: int = 2, steps: int = 4) -> dict[str, Any]:
+def lora_loop(root: str, out: str, *, method: str | None = None, modules: int = 2, steps: int = 3) -> dict[str, Any]:
     """A LoRA model in an Accelerate loop (``out = model(input_ids=..., labels=...)``), saved with
     ``unwrap_model(model).save_pretrained``."""
     from accelerate import Accelerator
@@ -181,7 +200,7 @@ def reload_adapter(root: str, directory: str) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in PeftModel.from_pretrained(base(root), directory).state_dict().items()}
 
 
-def dpo(root: str, out: str, *, method: str | None = None, modules: int = 2, max_steps: int = 3) -> dict[str, Any]:
+def dpo(root: str, out: str, *, method: str | None = None, modules: int = 2, max_steps: int = 2) -> dict[str, Any]:
     """TRL's ``DPOTrainer`` on a LoRA model (the reference is the model with its adapters off): prompts, chosen
     and rejected continuations cut from the text file."""
     import datasets

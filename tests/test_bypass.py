@@ -109,8 +109,9 @@ def test_trl_fused_head_patched_onto_the_wrapper_runs_through_the_cut():
     plain.train()
     labels = IDS.clone()
     labels[:, :2] = -100
-    ours, theirs = (torch.manual_seed(1) and m(input_ids=IDS, labels=labels, fused_lm_head=True)
-                    for m in (model, plain))  # (the same dropout masks: bp in one process draws as the model does)
+    ours, theirs = (
+        torch.manual_seed(1) and m(input_ids=IDS, labels=labels, fused_lm_head=True) for m in (model, plain)
+    )  # (the same dropout masks: bp in one process draws as the model does)
     assert type(ours) is type(theirs)
     for field in ("loss", "log_probs", "entropy", "label_mask", "is_top1"):
         assert torch.allclose(getattr(ours, field).float(), getattr(theirs, field).float(), atol=1e-6), field

@@ -60,6 +60,7 @@ def test_a_method_with_checkpointing_is_the_method_without(method):
     assert same_state(wrapped.module, ref.module)
 
 
+@pytest.mark.slow
 def test_a_captured_transformer_with_dropout(tmp_path):
     """A graph captured by torch.export (GPT-2, dropout on), bp against plain autograd and fr against fr."""
     transformers = pytest.importorskip("transformers")

@@ -65,16 +65,21 @@ def assert_trained_by_fr(initial: dict, fr: dict, plain: dict) -> None:
     assert any(not torch.allclose(fr[k], plain[k], atol=1e-4) for k in moved)
 
 
+FR = dict(method="fr", save_steps=2)  # the fr Trainer run, with a checkpoint at step 2 to resume from
+
+
+@pytest.mark.slow
 def test_lora_under_trainer(runs, hf_files):
     """``get_peft_model`` + the two lines under ``Trainer``: the dataset's columns kept by the base model's
-    signature, bp gives plain's losses and adapter weights, fr moves the adapters only; ``save_model`` writes the
-    adapter, which ``PeftModel.from_pretrained`` reloads to the trained weights."""
-    plain, bp, fr = (runs("lora_trainer", method=m) for m in (None, "bp", "fr"))
-    assert len(bp["losses"]) == 4
+    signature, bp gives plain's losses and adapter weights, fr moves the adapters only, module 1's not in the first
+    step; ``save_model`` writes the adapter, which ``PeftModel.from_pretrained`` reloads to the trained weights."""
+    plain, bp, fr = runs("lora_trainer"), runs("lora_trainer", method="bp"), runs("lora_trainer", **FR)
+    assert len(bp["losses"]) == 3
     assert_close(bp["losses"], plain["losses"])
     assert_same(bp["weights"], plain["weights"])
-    initial = {k: v for k, v in finetune_tasks.lora(hf_files).state_dict().items()}
+    initial = finetune_tasks.lora(hf_files).state_dict()
     assert_trained_by_fr(initial, fr["weights"], plain["weights"])
+    assert_first_step_of_fr(initial, fr["first"])
     for run in (bp, fr):
         out = Path(run["out"])
         assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
@@ -82,43 +87,44 @@ def test_lora_under_trainer(runs, hf_files):
         assert_same(finetune_tasks.reload_adapter(hf_files, str(out)), run["weights"], atol=0)
 
 
+@pytest.mark.slow
 def test_lora_trainer_resumes_exactly(runs, tmp_path, hf_files):
-    whole = runs("lora_trainer", method="fr", save_steps=2)
-    resumed = finetune_tasks.lora_trainer(hf_files, str(tmp_path), method="fr", save_steps=2,
+    whole = runs("lora_trainer", **FR)
+    resumed = finetune_tasks.lora_trainer(hf_files, str(tmp_path), **FR,
                                           resume=str(Path(whole["out"]) / "checkpoint-2"))  # fmt: skip
-    assert_close(resumed["losses"][-2:], whole["losses"][2:])  # steps 3-4, trained again from the checkpoint
+    assert_close(resumed["losses"][-1:], whole["losses"][2:])  # step 3, trained again from the checkpoint
     assert_same(resumed["weights"], whole["weights"], atol=0)
 
 
-def test_fr_first_step_leaves_module_1_alone(hf_files, tmp_path):
+def assert_first_step_of_fr(initial: dict, first: dict) -> None:
     """The signature of Features Replay that plain backprop cannot show: after one step with K=2, module 1's
     adapters are as initialised (no stale gradient yet) and module 2's moved."""
-    initial = finetune_tasks.lora(hf_files).state_dict()
-    for task in ("lora_trainer", "sft"):
-        one = getattr(finetune_tasks, task)(hf_files, str(tmp_path / task), method="fr", max_steps=1,
-                                            **({"peft": True} if task == "sft" else {}))  # fmt: skip
-        first = {k for k in adapters(initial) if MODULE_1 in k}
-        assert first and all(torch.equal(one["weights"][k], initial[k]) for k in first), task
-        assert any(not torch.equal(one["weights"][k], initial[k]) for k in adapters(initial) if k not in first), task
+    module_1 = {k for k in adapters(initial) if MODULE_1 in k}
+    assert module_1 and all(torch.equal(first[k], initial[k]) for k in module_1)
+    assert any(not torch.equal(first[k], initial[k]) for k in adapters(initial) if k not in module_1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
 def test_sft_trainer_with_its_defaults(runs, hf_files, peft):
     """``SFTTrainer`` with ``SFTConfig``'s defaults (gradient checkpointing on, the fused LM head, its metrics):
-    bp gives plain's losses, metrics and weights; fr trains with Features Replay; the saved model or adapter
-    reloads."""
-    plain, bp, fr = (runs("sft", method=m, peft=peft) for m in (None, "bp", "fr"))
-    assert bp["checkpointing"] and fr["checkpointing"]
+    bp gives plain's losses, metrics and weights; fr trains with Features Replay; the saved adapter reloads.
+    (The full model: TRL patches the wrapper's forward; LoRA: the base model's, under PEFT.)"""
+    plain, bp = (runs("sft", method=m, peft=peft) for m in (None, "bp"))
+    assert bp["checkpointing"]
     for key in ("losses", "accuracy", "entropy"):
         assert_close(bp[key], plain[key])
     assert_same(bp["weights"], plain["weights"])
-    assert not all(torch.equal(fr["weights"][k], bp["weights"][k]) for k in bp["weights"])
     if peft:
+        fr = runs("sft", method="fr", peft=peft)
+        assert fr["checkpointing"]
         initial = finetune_tasks.lora(hf_files).state_dict()
         assert_trained_by_fr(initial, fr["weights"], plain["weights"])
+        assert_first_step_of_fr(initial, fr["first"])
         assert_same(finetune_tasks.reload_adapter(hf_files, bp["out"]), bp["weights"], atol=0)
 
 
+@pytest.mark.slow
 def test_sft_trainer_bf16_default(runs):
     """SFTConfig's default bf16 too: bp within bfloat16's rounding of plain (TRL's chunked head and the model's
     own LM head round differently)."""
@@ -126,6 +132,7 @@ def test_sft_trainer_bf16_default(runs):
     assert_close(bp["losses"], plain["losses"], atol=2e-2)
 
 
+@pytest.mark.slow
 def test_dpo_trainer(runs, hf_files):
     """TRL's ``DPOTrainer`` (the same fused head; the reference log-probabilities from the model with its adapters
     off, under ``torch.no_grad()``): bp is plain, fr trains the adapters with Features Replay."""
@@ -135,6 +142,7 @@ def test_dpo_trainer(runs, hf_files):
     assert_trained_by_fr(finetune_tasks.lora(hf_files).state_dict(), fr["weights"], plain["weights"])
 
 
+@pytest.mark.slow
 def test_lora_in_an_accelerate_loop(runs, hf_files):
     """``out = model(input_ids=..., labels=...)`` on a wrapped LoRA model: ``use_cache=False`` reaches the base
     model through PEFT's ``**kwargs``; bp is plain; the adapter saved by ``unwrap_model(...).save_pretrained``
@@ -149,24 +157,21 @@ def test_lora_in_an_accelerate_loop(runs, hf_files):
 @pytest.mark.slow
 def test_one_process_per_module(cpu_cluster, runs, hf_files, tmp_path):
     """The same scripts under ``accelerate launch --num_processes 2`` (LoRA dropout on): one process's losses and
-    weights, on every rank, for bp and fr; the adapter saved from the main process reloads; a checkpoint resumes
-    exactly."""
-    for task, settings in (("lora_trainer", {}), ("sft", {"peft": True}), ("lora_loop", {})):
-        for method in ("bp", "fr"):
-            one = runs(task, method=method, **settings)
-            out = tmp_path / f"{task}-{method}"
-            ranks = cpu_cluster.run(f"finetune_tasks:{task}", root=hf_files, out=str(out), method=method, **settings)
-            assert_close(ranks[0]["losses"], one["losses"])
-            for rank in ranks:
-                assert_same(rank["weights"], one["weights"])
-            assert_same(finetune_tasks.reload_adapter(hf_files, str(out)), one["weights"], only="lora_")
-    # A checkpoint written by two processes resumes exactly in two processes.
-    whole = runs("lora_trainer", method="fr", save_steps=2)
-    ranks = cpu_cluster.run("finetune_tasks:lora_trainer", root=hf_files, out=str(tmp_path / "ckpt"), method="fr",
-                            save_steps=2)  # fmt: skip
-    resumed = cpu_cluster.run("finetune_tasks:lora_trainer", root=hf_files, out=str(tmp_path / "resumed"),
-                              method="fr", save_steps=2, resume=str(tmp_path / "ckpt" / "checkpoint-2"))  # fmt: skip
-    assert_close(ranks[0]["losses"], whole["losses"])
-    assert_close(resumed[0]["losses"][-2:], whole["losses"][2:])
+    weights, on every rank -- Trainer and SFTTrainer with bp and fr, the Accelerate loop with fr; the adapter saved
+    from the main process reloads; a checkpoint written by two processes resumes exactly in two."""
+    cases = [("lora_trainer", {"method": "bp"}), ("lora_trainer", FR), ("sft", {"method": "bp", "peft": True}),
+             ("sft", {"method": "fr", "peft": True}), ("lora_loop", {"method": "fr"})]  # fmt: skip
+    for task, settings in cases:
+        one = runs(task, **settings)
+        out = tmp_path / f"{task}-{settings['method']}"
+        ranks = cpu_cluster.run(f"finetune_tasks:{task}", root=hf_files, out=str(out), **settings)
+        assert_close(ranks[0]["losses"], one["losses"])
+        for rank in ranks:
+            assert_same(rank["weights"], one["weights"])
+        assert_same(finetune_tasks.reload_adapter(hf_files, str(out)), one["weights"], only="lora_")
+    whole = runs("lora_trainer", **FR)
+    resumed = cpu_cluster.run("finetune_tasks:lora_trainer", root=hf_files, out=str(tmp_path / "resumed"), **FR,
+                              resume=str(tmp_path / "lora_trainer-fr" / "checkpoint-2"))  # fmt: skip
+    assert_close(resumed[0]["losses"][-1:], whole["losses"][2:])
     for rank in resumed:
         assert_same(rank["weights"], whole["weights"])
