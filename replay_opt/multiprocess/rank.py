@@ -12,7 +12,9 @@ A training step on the rank of module s (0-based) of K (``steps.py`` has each me
   -- at ``optimizer.step()``, or at the next forward or collective point if the optimizer
   did not step (gradient accumulation), so every ``backward()`` of the step is in it;
 * at ``optimizer.step()`` (or ``accelerator.clip_grad_norm_``, whichever comes first) the
-  gradients are combined (``collectives.py``).
+  gradients are combined (``collectives.py``);
+* the random generator's state travels with the activations, and module K's comes back to
+  every module at the end of the step, so dropout draws one process's masks (``rng.py``).
 
 What ``model(x)`` returns on a rank without the last module: zeros shaped like the real output
 (``placeholders.py``), wired so that ``loss.backward()`` runs this rank's backward.  The real
