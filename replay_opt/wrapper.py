@@ -289,6 +289,8 @@ class ReplayModelWrapper(nn.Module):
         if head is not None:  # TRL's add_fused_lm_head(model): computed on the pipeline's output (integrations/trl.py)
             self._fused_head = head
             return
+        if name == "peft_config":  # PEFT's tuner, done injecting adapters into the model inside this wrapper
+            raise ValueError(ADAPTERS_AROUND)
         super().__setattr__(name, value)
 
     @property
@@ -543,6 +545,14 @@ class ReplayModelWrapper(nn.Module):
         self._sync_devices()
         self.algorithm.load_state_dict(state)
 
+
+ADAPTERS_AROUND = (
+    "PEFT is adding adapters around a ReplayModelWrapper (get_peft_model(wrapper, ...), or a trainer's "
+    "peft_config=): the wrapper would run the modules it captured and the optimizer you built holds none of the "
+    "adapters. Apply PEFT first and wrap the PEFT model: model = get_peft_model(model, LoraConfig(...)); "
+    "model = ReplayModelWrapper(model, ...); optimizer = ReplayOptimizer(optimizer_over_the_adapters, model) -- "
+    "and drop peft_config= from the trainer"
+)
 
 # Attributes the wrapper must not take from the model: its own (set or looked up before they exist), and those
 # whose model value would be wrong for the wrapper (it is not a DDP or compiled module, nor sharded at load time).

@@ -119,3 +119,12 @@ def test_trl_fused_head_patched_onto_the_wrapper_runs_through_the_cut():
     theirs.loss.backward()
     for p, q in zip(model.module.parameters(), plain.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+def test_peft_adapters_added_around_the_wrapper_are_refused():
+    """``get_peft_model(wrapper, ...)`` -- what ``SFTTrainer(model=wrapper, peft_config=...)`` does -- would put
+    adapters the wrapper's captured modules and the user's optimizer never see: refused, naming the order that works."""
+    peft = pytest.importorskip("peft")
+    model = ReplayModelWrapper(gpt2(), num_modules=2, method="fr")
+    with pytest.raises(ValueError, match=r"Apply PEFT first and wrap the PEFT model.*drop peft_config="):
+        peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["c_attn"]))
