@@ -174,3 +174,24 @@ def train_zoo(name: str, method: str, steps: int = 3, batch: int = 4, in_model: 
     state = wrapper.state_dict()
     wrapper.rank.close()
     return {"model": state, "split_points": wrapper.split_points}
+
+
+def train_checkpointed(method: str, checkpointing: bool, steps: int = 3) -> dict:
+    """``bn_dropout_mlp`` with 2 modules, one per process, with or without activation checkpointing."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    extra = {"microbatches": 2} if method in ("gpipe", "1f1b") else {}
+    model = bn_dropout_mlp()
+    calls = [0]  # forwards of module 1's first layer (the recomputations in backward included)
+    model[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    wrapper = ReplayModelWrapper(model, split_points=["3"], method=method, timeout=60, **extra)
+    if checkpointing:
+        wrapper.gradient_checkpointing_enable()
+    opt = ReplayOptimizer(torch.optim.SGD(wrapper.parameters(), lr=0.1, momentum=0.9), wrapper)
+    for x, y in batches(steps):
+        F.cross_entropy(wrapper(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    state = wrapper.state_dict()
+    wrapper.rank.close()
+    return {"model": state, "calls": calls[0]}
