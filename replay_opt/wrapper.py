@@ -18,7 +18,7 @@ from .bypass import Guard, engine_running
 from .cut.partition import Balance, Partition, Program, Stage
 from .integrations.accelerate import install as install_accelerate
 from .integrations.accelerate import warn_if_read_early
-from .integrations.peft import forward_signature, peft_class
+from .integrations.peft import peft_class, signature_class
 from .integrations.trainer import install as install_trainer
 from .integrations.trl import FusedHead, adopt_patched
 from .methods import make_method
@@ -117,7 +117,7 @@ class ReplayModelWrapper(nn.Module):
         # One subclass per model class, whose ``forward`` shows the model's signature: libraries
         # read it from the class (transformers' ``find_labels(type(model))``), not only from the object.
         if cls is ReplayModelWrapper and isinstance(module, nn.Module):
-            cls = _presenting(type(module), forward_signature(module), peft_class(module))
+            cls = _presenting(type(module), signature_class(module), peft_class(module))
         return super().__new__(cls)
 
     def __init__(
@@ -564,13 +564,15 @@ _NOT_FORWARDED = frozenset({
 
 
 @functools.cache
-def _presenting(
-    model_class: type[nn.Module], signature: inspect.Signature | None, peft: type | None
-) -> type[ReplayModelWrapper]:
-    """``ReplayModelWrapper`` for ``model_class``: its ``forward`` shows ``signature`` (the model's ``forward``
-    signature; a PEFT model's base model's), and for a PEFT model (``peft``, its class) it answers
+def _presenting(model_class: type[nn.Module], shown: type, peft: type | None) -> type[ReplayModelWrapper]:
+    """``ReplayModelWrapper`` for ``model_class``: its ``forward`` shows the ``forward`` signature of ``shown`` (the
+    model's class; a PEFT model's base model's), and for a PEFT model (``peft``, its class) it answers
     ``isinstance(wrapper, PeftModel)`` as the libraries that treat PEFT models apart expect
     (``integrations/peft.py``)."""
+    try:
+        signature: inspect.Signature | None = inspect.signature(shown.forward)
+    except (TypeError, ValueError):
+        signature = None
     if signature is None and peft is None:
         return ReplayModelWrapper
 

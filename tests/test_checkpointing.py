@@ -120,11 +120,11 @@ def test_checkpointing_options():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["gpipe", "fr"])
-def test_one_process_per_module_with_checkpointing(cpu_cluster, method):
-    """Two processes (BatchNorm and dropout on): GPipe's training pass and FR's replay, each module recomputed in
-    backward, give the weights and statistics of the same run without checkpointing."""
-    plain, checkpointed = (cpu_cluster.run("dist_worker:train_checkpointed", method=method, checkpointing=c)
+def test_one_process_per_module_with_checkpointing(cpu_cluster):
+    """Two processes (BatchNorm and dropout on): GPipe's training pass, each module recomputed in backward, gives
+    the weights and statistics of the same run without checkpointing.  (FR with checkpointing in two processes:
+    SFTTrainer's default, tests/test_finetune.py.)"""
+    plain, checkpointed = (cpu_cluster.run("dist_worker:train_checkpointed", method="gpipe", checkpointing=c)
                            for c in (False, True))  # fmt: skip
     assert checkpointed[1]["calls"] > plain[1]["calls"]  # rank 1 runs module 1: recomputed in backward
     for a, b in zip(plain, checkpointed):

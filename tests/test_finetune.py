@@ -8,6 +8,7 @@ module 2's moved, which no backprop run can show.  Saved adapters reload with ``
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ pytest.importorskip("datasets")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune_tasks
+
+from replay_opt import ReplayModelWrapper
 
 MODULE_1 = "layers.0."  # with K=2 and balance by parameters, the tiny Llama's first block is in module 1
 
@@ -63,6 +66,23 @@ def assert_trained_by_fr(initial: dict, fr: dict, plain: dict) -> None:
     moved = [k for k in adapters(initial) if not torch.equal(fr[k], initial[k])]
     assert moved
     assert any(not torch.allclose(fr[k], plain[k], atol=1e-4) for k in moved)
+
+
+def test_a_wrapped_peft_model_presents_itself_as_one(hf_files):
+    """What Trainer, TRL and Accelerate look for on a PEFT model (``integrations/peft.py``)."""
+    from accelerate.utils import is_peft_model
+    from peft import PeftModel
+    from transformers.trainer_utils import _is_peft_model
+
+    model = finetune_tasks.lora(hf_files)
+    wrapper = ReplayModelWrapper(model, num_modules=2)
+    assert isinstance(wrapper, PeftModel) and is_peft_model(wrapper) and _is_peft_model(wrapper)
+    assert isinstance(wrapper, ReplayModelWrapper)
+    assert type(wrapper).__name__ == "ReplayModelWrapper[PeftModelForCausalLM]"
+    assert wrapper.get_base_model() is model.get_base_model() and wrapper.peft_config is model.peft_config
+    parameters = inspect.signature(wrapper.forward).parameters  # the base model's: Trainer keeps these columns
+    assert {"input_ids", "attention_mask", "labels", "use_cache"} <= set(parameters)
+    assert "ReplayModelWrapper[PeftModelForCausalLM]" in repr(wrapper)
 
 
 FR = dict(method="fr", save_steps=2)  # the fr Trainer run, with a checkpoint at step 2 to resume from

@@ -37,14 +37,10 @@ def base_model(model: nn.Module) -> nn.Module | None:
     return get() if callable(get) else model.base_model.model
 
 
-def forward_signature(model: nn.Module) -> inspect.Signature | None:
-    """The signature libraries should see for ``model.forward``: the base model's for a PEFT model."""
+def signature_class(model: nn.Module) -> type:
+    """The class whose ``forward`` signature libraries should see for ``model``: the base model's for a PEFT model."""
     base = base_model(model)
-    target = type(base) if base is not None else type(model)
-    try:
-        return inspect.signature(target.forward)
-    except (TypeError, ValueError):
-        return None
+    return type(base) if base is not None else type(model)
 
 
 def takes_use_cache(model: nn.Module) -> bool:
