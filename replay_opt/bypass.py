@@ -83,23 +83,16 @@ class Guard:
         self.armed = False
 
     # A copy of the model (copy.deepcopy, pickling) keeps the hooks, disarmed: the copy is not wrapped.
-    def __deepcopy__(self, memo: dict[int, Any]) -> Guard:
-        return _disarmed(self.method)
-
     def __getstate__(self) -> dict[str, Any]:
         return {"method": self.method, "armed": False, "_handles": []}
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+    def __deepcopy__(self, memo: dict[int, Any]) -> Guard:
+        copy = Guard.__new__(Guard)
+        copy.__dict__.update(self.__getstate__())
+        return copy
 
 
 _guards: weakref.WeakKeyDictionary[nn.Module, Guard] = weakref.WeakKeyDictionary()
-
-
-def _disarmed(method: str) -> Guard:
-    guard = Guard.__new__(Guard)
-    guard.__setstate__({"method": method, "armed": False, "_handles": []})
-    return guard
 
 
 def _check(guard: Guard, name: str, kind: str, module: nn.Module, args: Any) -> None:
@@ -117,11 +110,9 @@ def _check(guard: Guard, name: str, kind: str, module: nn.Module, args: Any) -> 
     )
 
 
-def check_gradients_came_from_forward(forwards: int, parameters: list[nn.Parameter], method: str) -> None:
-    """``ReplayOptimizer.step()``: gradients without a training forward of the wrapper since the last step were
+def check_no_gradients(parameters: list[nn.Parameter], method: str) -> None:
+    """``ReplayOptimizer.step()`` after no training forward of the wrapper since the last step: any gradient was
     computed around it."""
-    if forwards:
-        return
     if any(p.grad is not None for p in parameters):
         raise BypassError(
             "optimizer.step() found gradients, but the ReplayModelWrapper ran no training forward since the last "

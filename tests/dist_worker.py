@@ -132,12 +132,17 @@ def bn_dropout_mlp() -> torch.nn.Sequential:
     )  # fmt: skip
 
 
-def train_microbatched_bn(method: str, microbatches: int, steps: int = 4) -> dict:
-    """``bn_dropout_mlp`` under method='gpipe'/'1f1b' with 2 modules; the full state at the end."""
+def train_microbatched_bn(method: str, microbatches: int, steps: int = 4, checkpointing: bool = False) -> dict:
+    """``bn_dropout_mlp`` under method='gpipe'/'1f1b' with 2 modules, with or without activation checkpointing; the
+    full state at the end, and how often module 1's first layer ran (the recomputations in backward included)."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = bn_dropout_mlp()
+    calls = [0]
+    model[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     wrapper = ReplayModelWrapper(model, split_points=["3"], method=method, microbatches=microbatches, timeout=60)
+    if checkpointing:
+        wrapper.gradient_checkpointing_enable()
     opt = ReplayOptimizer(torch.optim.SGD(wrapper.parameters(), lr=0.1, momentum=0.9), wrapper)
     for x, y in batches(steps):
         F.cross_entropy(wrapper(x), y).backward()
@@ -145,7 +150,7 @@ def train_microbatched_bn(method: str, microbatches: int, steps: int = 4) -> dic
         opt.zero_grad()
     state = wrapper.state_dict()
     wrapper.rank.close()
-    return {"model": state}
+    return {"model": state, "calls": calls[0]}
 
 
 def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
@@ -175,23 +180,3 @@ def train_zoo(name: str, method: str, steps: int = 3, batch: int = 4, in_model: 
     wrapper.rank.close()
     return {"model": state, "split_points": wrapper.split_points}
 
-
-def train_checkpointed(method: str, checkpointing: bool, steps: int = 3) -> dict:
-    """``bn_dropout_mlp`` with 2 modules, one per process, with or without activation checkpointing."""
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    extra = {"microbatches": 2} if method in ("gpipe", "1f1b") else {}
-    model = bn_dropout_mlp()
-    calls = [0]  # forwards of module 1's first layer (the recomputations in backward included)
-    model[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    wrapper = ReplayModelWrapper(model, split_points=["3"], method=method, timeout=60, **extra)
-    if checkpointing:
-        wrapper.gradient_checkpointing_enable()
-    opt = ReplayOptimizer(torch.optim.SGD(wrapper.parameters(), lr=0.1, momentum=0.9), wrapper)
-    for x, y in batches(steps):
-        F.cross_entropy(wrapper(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    state = wrapper.state_dict()
-    wrapper.rank.close()
-    return {"model": state, "calls": calls[0]}

@@ -124,8 +124,8 @@ def test_one_process_per_module_with_checkpointing(cpu_cluster):
     """Two processes (BatchNorm and dropout on): GPipe's training pass, each module recomputed in backward, gives
     the weights and statistics of the same run without checkpointing.  (FR with checkpointing in two processes:
     SFTTrainer's default, tests/test_finetune.py.)"""
-    plain, checkpointed = (cpu_cluster.run("dist_worker:train_checkpointed", method="gpipe", checkpointing=c)
-                           for c in (False, True))  # fmt: skip
+    plain, checkpointed = (cpu_cluster.run("dist_worker:train_microbatched_bn", method="gpipe", microbatches=2,
+                                           steps=3, checkpointing=c) for c in (False, True))  # fmt: skip
     assert checkpointed[1]["calls"] > plain[1]["calls"]  # rank 1 runs module 1: recomputed in backward
     for a, b in zip(plain, checkpointed):
         assert a["model"].keys() == b["model"].keys()

@@ -13,9 +13,7 @@ Nothing here imports peft: a model is a PEFT model when peft is imported and it 
 
 from __future__ import annotations
 
-import inspect
 import sys
-from typing import Any
 
 from torch import nn
 
@@ -42,13 +40,3 @@ def signature_class(model: nn.Module) -> type:
     base = base_model(model)
     return type(base) if base is not None else type(model)
 
-
-def takes_use_cache(model: nn.Module) -> bool:
-    """Whether the model's ``forward`` -- for a PEFT model, its base model's, which receives the PEFT model's
-    ``**kwargs`` -- takes ``use_cache``."""
-    base = base_model(model)
-    target: Any = base if base is not None else model
-    try:
-        return "use_cache" in inspect.signature(target.forward).parameters
-    except (TypeError, ValueError):
-        return False

@@ -40,10 +40,14 @@ class RngState:
         devices = [] if self.device_state is None else [self.device]
         device_type = "cuda" if self.device_state is None else self.device.type
         with torch.random.fork_rng(devices=devices, device_type=device_type):
-            torch.set_rng_state(self.cpu)
-            if self.device_state is not None:
-                torch.get_device_module(self.device.type).set_rng_state(self.device_state, self.device)
+            self.install()
             yield
+
+    def install(self) -> None:
+        """Make this the global generators' state (for good: the random stream continues from it)."""
+        torch.set_rng_state(self.cpu)
+        if self.device_state is not None:
+            torch.get_device_module(self.device.type).set_rng_state(self.device_state, self.device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"cpu": self.cpu, "device": str(self.device), "device_state": self.device_state}

@@ -222,11 +222,8 @@ class Rank:
             got, values = self.transport.recv(from_stage, what)
             if got.kind in expected:
                 return got, values
-            if got.kind in (Kind.GRADIENT, Kind.DROPPED) and from_stage == self.layout.stage + 1:
-                self._keep_early(got, values)  # ahead of a tied-weights message on the same channel
-                continue
-            if got.kind == Kind.RNG:
-                self._keep_state(values)  # ahead of a collective point's message
+            if self._ahead(from_stage, got):
+                self._keep(got, values)
                 continue
             raise self.transport.mismatch(from_stage, got, what)
 
@@ -263,12 +260,22 @@ class Rank:
                 f"{me} and rank {peer} (module {from_stage + 1}) got different batches: " + same_batches
             )
 
-    def _keep_state(self, values: tuple[Any, ...]) -> None:
-        if self._early_state is not None:
+    def _ahead(self, from_stage: int, got: Header) -> bool:
+        """Whether ``got`` may arrive ahead of another message on its channel (a sync, a tied weight's gradient):
+        the stale gradient of module s+1, or module K's generator state."""
+        stale = got.kind in (Kind.GRADIENT, Kind.DROPPED) and from_stage == self.layout.stage + 1
+        return stale or got.kind == Kind.RNG
+
+    def _keep(self, got: Header, values: tuple[Any, ...]) -> None:
+        """Keep a message that arrived ahead (``_ahead``) for the point that takes it."""
+        if got.kind != Kind.RNG:
+            self._keep_early(got, values)
+        elif self._early_state is not None:
             raise PipelineError(
                 f"rank {self.layout.rank}: two generator states of the last module arrived within one training step"
             )
-        self._early_state = values
+        else:
+            self._early_state = values
 
     def _keep_early(self, got: Header, values: tuple[Any, ...]) -> None:
         """A stale gradient that arrived ahead of another message on the same channel (a sync, a tied
@@ -301,27 +308,19 @@ class Rank:
         """The next message from each of ``stages``, as they arrive (a stale gradient ahead of it is kept).
         Several peers are heard at once, on threads, so whoever sends something unexpected is reported
         at once even if another peer is silent."""
-        below = self.layout.stage + 1
         early: queue.Queue[Any] = queue.Queue()
 
         def next_message(s: int) -> tuple[Header, tuple[Any, ...]]:
             while True:
                 got, values = self.transport.recv(s, what)
-                if got.kind in (Kind.GRADIENT, Kind.DROPPED) and s == below:
-                    early.put((got, values))
-                    continue
-                if got.kind == Kind.RNG:
+                if self._ahead(s, got):
                     early.put((got, values))
                     continue
                 return got, values
 
         def keep_all_early() -> None:
             while not early.empty():
-                got, values = early.get()
-                if got.kind == Kind.RNG:
-                    self._keep_state(values)
-                else:
-                    self._keep_early(got, values)
+                self._keep(*early.get())
 
         if len(stages) == 1:
             got, values = next_message(stages[0])

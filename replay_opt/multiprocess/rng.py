@@ -24,23 +24,21 @@ from typing import Any
 
 import torch
 
+from ..methods.history import RngState
+
 WORDS = 2  # values a state takes in a message: the CPU generator's, and the device's (or None)
 
 
 def state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """This process's generator state, as message values."""
-    device_state = None
-    if device.type != "cpu":
-        device_state = torch.get_device_module(device.type).get_rng_state(device)
-    return torch.get_rng_state(), device_state
+    captured = RngState.capture(device)
+    return captured.cpu, captured.device_state
 
 
 def adopt(values: tuple[Any, ...], device: torch.device) -> None:
     """Continue from the state another module sent (``state`` of that process)."""
     cpu, device_state = values
-    torch.set_rng_state(cpu.cpu())
-    if device_state is not None and device.type != "cpu":
-        torch.get_device_module(device.type).set_rng_state(device_state.cpu(), device)
+    RngState.from_state_dict({"cpu": cpu, "device_state": device_state}, device).install()
 
 
 def split(values: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
