@@ -41,7 +41,8 @@ def train(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as out:
         flags = {"model": "--model", "method": "--method", "K": "--modules", "steps": "--steps", "warmup": "--warmup",
                  "eval_every": "--eval-every", "batch_size": "--batch-size", "block_size": "--block-size",
-                 "lr": "--lr", "seed": "--seed", "compensation": "--compensation"}  # fmt: skip
+                 "lr": "--lr", "seed": "--seed", "compensation": "--compensation",
+                 "optimizer": "--optimizer"}  # fmt: skip
         argv = [w for key, flag in flags.items() for w in (flag, str(spec[key]))]
         argv += ["--report-to", "none", "--output-dir", out, "--keep-checkpoints", "1", "--log-every", "10"]
         start = time.perf_counter()
@@ -51,32 +52,58 @@ def train(spec: dict) -> dict:
     return {**spec, **{k: results[k] for k in kept}, "seconds": time.perf_counter() - start, "curve": curve}
 
 
-def variants(args: argparse.Namespace) -> list[tuple[str, int, str]]:
-    """BP once (it computes the same at every K), FR at each K with each compensation."""
-    return [("bp", 1, "none")] + [("fr", k, c) for k in args.modules for c in args.compensations]
+def variants(args: argparse.Namespace) -> list[tuple[str, int, str, str]]:
+    """Per optimizer: BP once (it computes the same at every K), FR at each K with each compensation; or the list
+    given with ``--variants method:K:compensation:optimizer ...``."""
+    if args.variants:
+        return [(m, int(k), c, o) for m, k, c, o in (v.split(":") for v in args.variants)]
+    return [
+        v
+        for opt in args.optimizers
+        for v in [("bp", 1, "none", opt)] + [("fr", k, c, opt) for k in args.modules for c in args.compensations]
+    ]
+
+
+def variant(run: dict) -> tuple[str, int, str, str]:
+    return run["method"], run["K"], run["compensation"], run.get("optimizer", "adamw")
 
 
 def _key(run: dict) -> tuple:
-    return tuple(str(run[n]) for n in (*SCHEDULE, "method", "K", "compensation", "lr", "seed"))
+    return (*(str(run[n]) for n in (*SCHEDULE, "method", "K", "compensation", "lr", "seed")),
+            run.get("optimizer", "adamw"))  # fmt: skip
+
+
+def _describe(r: dict) -> str:
+    return (f"{r['method']} K={r['K']} {r['compensation']} {r.get('optimizer', 'adamw')} lr={r['lr']} "
+            f"seed={r['seed']}: val perplexity {r['final_val_perplexity']:.2f} ({r['seconds']:.0f} s)")  # fmt: skip
 
 
 def run_all(args: argparse.Namespace) -> list[dict]:
+    """Every variant at every lr on ``--lr-seeds`` (all seeds by default); then, if other seeds are asked for, those
+    at each variant's chosen lr only."""
     schedule = {n: getattr(args, n) for n in SCHEDULE}
-    specs = [{**schedule, "method": m, "K": k, "compensation": c, "lr": lr, "seed": seed}
-             for seed in args.seeds for m, k, c in variants(args) for lr in args.lrs]  # fmt: skip
-    return run_logged(specs, train, args.out.with_suffix(".runs.jsonl"), args.jobs, _key, lambda r: (
-        f"{r['method']} K={r['K']} {r['compensation']} lr={r['lr']} seed={r['seed']}: "
-        f"val perplexity {r['final_val_perplexity']:.2f} ({r['seconds']:.0f} s)"))  # fmt: skip
+    log = args.out.with_suffix(".runs.jsonl")
+
+    def spec(v: tuple, lr: float, seed: int) -> dict:
+        return {**schedule, "method": v[0], "K": v[1], "compensation": v[2], "optimizer": v[3], "lr": lr, "seed": seed}
+
+    lr_seeds = args.lr_seeds if args.lr_seeds is not None else args.seeds
+    first = [spec(v, lr, seed) for seed in lr_seeds for v in variants(args) for lr in args.lrs]
+    runs = run_logged(first, train, log, args.jobs, _key, _describe)
+    rest = [spec(v, lr, seed) for v, (lr, _, _) in choose(runs).items() for seed in args.seeds if seed not in lr_seeds]
+    return runs + run_logged(rest, train, log, args.jobs, _key, _describe) if rest else runs
 
 
-def choose(runs: list[dict]) -> dict[tuple[str, int, str], tuple[float, list[dict], dict[float, list[dict]]]]:
-    """Per (method, K, compensation): the learning rate with the lowest final validation loss (mean over seeds)."""
+def choose(runs: list[dict]) -> dict[tuple[str, int, str, str], tuple[float, list[dict], dict[float, list[dict]]]]:
+    """Per variant: the learning rate with the lowest final validation loss, mean over the seeds every lr ran with;
+    returns (lr, all its runs, runs by lr)."""
     chosen = {}
-    for variant in sorted({(r["method"], r["K"], r["compensation"]) for r in runs}, key=lambda v: (v[1], v[2])):
-        rs = [r for r in runs if (r["method"], r["K"], r["compensation"]) == variant]
+    for v in sorted({variant(r) for r in runs}, key=lambda v: (v[3], v[1], v[2])):
+        rs = [r for r in runs if variant(r) == v]
         by_lr = {lr: [r for r in rs if r["lr"] == lr] for lr in sorted({r["lr"] for r in rs})}
-        lr = min(by_lr, key=lambda v: statistics.mean(r["final_val_loss"] for r in by_lr[v]))
-        chosen[variant] = (lr, by_lr[lr], by_lr)
+        common = set.intersection(*({r["seed"] for r in group} for group in by_lr.values()))
+        lr = min(by_lr, key=lambda x: statistics.mean(r["final_val_loss"] for r in by_lr[x] if r["seed"] in common))
+        chosen[v] = (lr, by_lr[lr], by_lr)
     return chosen
 
 
@@ -114,29 +141,31 @@ def time_to_reach(run_group: list[dict], target: float, step_seconds: float) -> 
 
 def tabulate(runs: list[dict], args: argparse.Namespace, step_seconds: dict[int, float] | None = None) -> str:
     chosen = choose(runs)
-    bp = chosen.get(("bp", 1, "none"))
-    bp_ppl = statistics.mean(r["final_val_perplexity"] for r in bp[1]) if bp else None
+    bp_ppl = {v[3]: statistics.mean(r["final_val_perplexity"] for r in best) for v, (_, best, _) in chosen.items()
+              if v[0] == "bp"}  # fmt: skip
     lines = [
         f"{args.model} on the Python-stdlib corpus: {args.steps} steps, batch {args.batch_size} x {args.block_size} "
-        f"tokens, AdamW (0.9, 0.95), weight decay 0.1, {args.warmup} warm-up steps then cosine decay; learning rate "
-        f"chosen from {args.lrs} on the final validation loss (mean over seeds {args.seeds}); final validation "
-        "perplexity, mean ± std over seeds",
+        f"tokens, AdamW (0.9, 0.95) or Muon + AdamW, weight decay 0.1, {args.warmup} warm-up steps then cosine decay; "
+        f"learning rate chosen from {args.lrs} on the final validation loss (mean over the seeds every lr ran with); "
+        "final validation perplexity, mean ± std over seeds, each compared with BP's with the same optimizer",
         "",
-        "| method | K | compensation | chosen lr | final validation perplexity | vs BP | at each lr | predicted "
-        "s/step | predicted device time to BP's final perplexity |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| optimizer | method | K | compensation | chosen lr | seeds | final validation perplexity | vs BP "
+        "| at each lr | predicted s/step | predicted device time to BP's final perplexity |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (method, k, comp), (lr, best, by_lr) in chosen.items():
+    for (method, k, comp, opt), (lr, best, by_lr) in chosen.items():
         ppl = [r["final_val_perplexity"] for r in best]
-        gap = "" if bp_ppl is None or method == "bp" else f"{100 * (statistics.mean(ppl) / bp_ppl - 1):+.1f} %"
+        base = bp_ppl.get(opt)
+        gap = "" if base is None or method == "bp" else f"{100 * (statistics.mean(ppl) / base - 1):+.1f} %"
         each = ", ".join(f"{v}: {statistics.mean(r['final_val_perplexity'] for r in by_lr[v]):.2f}" for v in by_lr)
         step, reach = "", ""
-        if step_seconds is not None and bp_ppl is not None:
+        if step_seconds is not None and base is not None:
             step = f"{step_seconds[k]:.3f}"
-            seconds = time_to_reach(best, bp_ppl, step_seconds[k])
+            seconds = time_to_reach(best, base, step_seconds[k])
             reach = "not reached" if seconds is None else f"{seconds:.0f} s"
-        lines.append(f"| {method} | {k if method != 'bp' else '-'} | {comp} | {lr} | {mean_std(ppl)} | {gap} | "
-                     f"{each} | {step} | {reach} |")  # fmt: skip
+        seeds = ",".join(str(r["seed"]) for r in best)
+        lines.append(f"| {opt} | {method} | {k if method != 'bp' else '-'} | {comp} | {lr} | {seeds} | {mean_std(ppl)} "
+                     f"| {gap} | {each} | {step} | {reach} |")  # fmt: skip
     if step_seconds is not None:
         lines += ["", "Predicted s/step: the planner (replay_opt.plan.simulate) on a profile of the model's units on "
                   "this machine's CPU, BP on one device, FR on K devices at the recipe's cut; device time = steps x "
@@ -153,10 +182,10 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for (method, k, comp), (lr, best, _) in choose(runs).items():
+    for (method, k, comp, opt), (lr, best, _) in choose(runs).items():
         steps = [c["step"] for c in best[0]["curve"]]
         ppl = [statistics.mean(math.exp(r["curve"][i]["val_loss"]) for r in best) for i in range(len(steps))]
-        label = "BP" if method == "bp" else f"FR K={k}" + ("" if comp == "none" else f" +{comp}")
+        label = ("BP" if method == "bp" else f"FR K={k}" + ("" if comp == "none" else f" +{comp}")) + f", {opt}"
         ax.plot(steps, ppl, marker="o", ms=3, label=f"{label} (lr {lr})", ls="-" if comp != "none" else "--")
     ax.axhline(runs[0]["unigram_perplexity"], color="gray", ls=":", label="unigram baseline")
     ax.set(xlabel="optimizer step", ylabel="validation perplexity (mean over seeds)", yscale="log",
@@ -176,6 +205,16 @@ def parser() -> argparse.ArgumentParser:
                    help="FR's staleness compensation variants: none, predict, momentum, ... (+ combines)")  # fmt: skip
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--lr-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds every lr runs with (the lr is chosen on them); the other seeds run at the chosen lr only",
+    )
+    p.add_argument("--optimizers", nargs="+", choices=("adamw", "muon"), default=["adamw"])
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="explicit variants, method:K:compensation:optimizer (fr:2:predict:muon), instead of the grid")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--warmup", type=int, default=40)
     p.add_argument("--eval-every", type=int, default=50)
@@ -184,6 +223,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
     p.add_argument("--out", type=Path, default=Path("bench/results/lm"))
     p.add_argument("--from-json", type=Path, default=None, help="re-tabulate the runs saved by an earlier call")
+    p.add_argument("--from-runs", action="store_true",
+                   help="tabulate every finished run of this schedule in <out>.runs.jsonl (several invocations)")
     p.add_argument("--no-device-time", action="store_true", help="skip the planner's device-time prediction")
     return p
 
@@ -191,7 +232,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.from_json is not None:
+    if args.from_runs:  # every finished run of this schedule in <out>.runs.jsonl, from any number of invocations
+        log = args.out.with_suffix(".runs.jsonl")
+        runs = [r for r in map(json.loads, log.read_text().splitlines())
+                if all(r[n] == getattr(args, n) for n in SCHEDULE)]  # fmt: skip
+        args.modules = sorted({r["K"] for r in runs if r["K"] > 1})
+        args.lrs = sorted({r["lr"] for r in runs})
+    elif args.from_json is not None:
         saved = json.loads(args.from_json.read_text())
         runs = saved["runs"]
         for name, value in saved["args"].items():

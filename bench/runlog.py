@@ -22,7 +22,9 @@ def run_logged(
     todo = [s for s in specs if key(s) not in done]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        for n, r in enumerate(pool.map(train, todo), len(runs) + 1):
+        futures = [pool.submit(train, s) for s in todo]
+        for n, future in enumerate(concurrent.futures.as_completed(futures), len(runs) + 1):
+            r = future.result()  # (logged as each finishes: an interrupted protocol loses no finished run)
             runs.append(r)
             with log.open("a") as f:
                 f.write(json.dumps(r) + "\n")

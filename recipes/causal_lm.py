@@ -48,7 +48,21 @@ CONFIGS = {  # small configurations, trained from scratch; any other --model is 
 }  # fmt: skip
 
 
-DEFAULT_COMPENSATION = "predict"
+# What the LM protocol chose (docs/benchmarks.md, "Features Replay on a language model"; bench.lm, 2000 steps, 3
+# seeds, each variant at its best learning rate): per (method, K) the optimizer, the staleness remedy and the lr.
+TUNED = {
+    ("bp", 1): ("muon", None, 3e-3),
+    ("fr", 2): ("muon", "predict", 3e-3),
+    ("fr", 4): ("muon", None, 3e-3),
+}
+
+
+def tuned(method: str, modules: int) -> tuple[str, str | None, float]:
+    """The protocol's (optimizer, compensation, lr) for this method and K: exact methods take BP's, the delayed ones
+    FR's at K = 2, or at K = 4 for K >= 3."""
+    if method in ("fr", "ddg") and modules > 1:
+        return TUNED[("fr", 2 if modules == 2 else 4)]
+    return TUNED[("bp", 1)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,9 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     method = add_method_arguments(p, METHODS)
-    # FR's best remedy for AdamW on this recipe at K=2 (docs/benchmarks.md, "Features Replay on a language model
-    # with AdamW"); at K=4 none helped, so there the default is none.
-    method.set_defaults(compensation="auto")
+    method.set_defaults(compensation="auto")  # (TUNED: the protocol's choice per method and K)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="gpt2-tiny", help=f"one of {sorted(CONFIGS)}, a hub id or a local directory")
     g.add_argument("--dataset", default=STDLIB, help=f"{STDLIB} (offline), a hub id[:config], or local files")
@@ -66,20 +78,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--block-size", type=int, default=128, help="tokens per training sequence")
     g.add_argument("--val-blocks", type=int, default=256, help="validation sequences evaluated (evenly spaced)")
     g = p.add_argument_group("schedule")
-    g.add_argument("--steps", type=int, default=600, help="optimizer steps (the length of the lr schedule)")
+    g.add_argument("--steps", type=int, default=2000, help="optimizer steps (the length of the lr schedule)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs, tests)")
     g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--lr", type=float, default=1e-2)
+    g.add_argument("--lr", type=float, default=None, help="default: the protocol's choice for the method and K")
+    g.add_argument("--optimizer", choices=("adamw", "muon"), default=None,
+                   help="adamw, or muon: Muon on the hidden matrices with AdamW on the rest (default: the protocol's "
+                   "choice for the method and K)")  # fmt: skip
     g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--warmup", type=int, default=40, help="linear warm-up steps, then cosine decay to 10%%")
+    g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then cosine decay to 10%%")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("evaluation, logging, checkpoints")
     g.add_argument("--eval-every", type=int, default=100, help="evaluate (and checkpoint) every N steps")
     g.add_argument("--log-every", type=int, default=10)
     add_run_arguments(g, "outputs/causal_lm")
     args = p.parse_args(argv)
-    if args.compensation == "auto":  # nothing is stale (K=1, bp), or no remedy helped (K=4: bench.lm)
-        args.compensation = DEFAULT_COMPENSATION if args.method in ("fr", "ddg") and args.modules == 2 else None
+    optimizer, compensation, lr = tuned(args.method, args.modules)
+    args.optimizer = args.optimizer or optimizer
+    args.lr = args.lr if args.lr is not None else lr
+    if args.compensation == "auto":
+        args.compensation = compensation
     args.split_points = args.split_points.split(",") if args.split_points else None
     args.parser = p
     return args
@@ -115,6 +133,22 @@ def build(name: str, vocab_size: int, block_size: int) -> torch.nn.Module:
         model.loss_type = "ForCausalLM"  # (transformers warns when a model built from a config does not say)
         return model
     return transformers.AutoModelForCausalLM.from_pretrained(name, use_cache=False)
+
+
+def make_optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: float) -> Any:
+    """``adamw``: AdamW (0.9, 0.95) on everything.  ``muon``: ``torch.optim.Muon`` on the 2-D hidden weights (the
+    transformer blocks' matrices) and AdamW on the embeddings, norms, biases and tied head, both at ``lr`` (Muon's
+    update scaled to AdamW's RMS, ``adjust_lr_fn="match_rms_adamw"``) -- the split Muon is meant for."""
+    adamw = {"lr": lr, "betas": (0.9, 0.95), "weight_decay": weight_decay}
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), **adamw)
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    head = model.get_output_embeddings()
+    embeddings |= {id(p) for p in head.parameters()} if head is not None else set()
+    hidden = [p for p in model.parameters() if p.ndim == 2 and id(p) not in embeddings]
+    rest = [p for p in model.parameters() if not (p.ndim == 2 and id(p) not in embeddings)]
+    muon = torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+    return [muon, torch.optim.AdamW(rest, **adamw)]
 
 
 def lr_lambda(warmup: int, total: int):
@@ -166,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             split_points=args.split_points, example_inputs=example, timeout=args.timeout,
             microbatches=args.microbatches,
         )  # fmt: skip
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+        optimizer = make_optimizer(args.optimizer, model, args.lr, args.weight_decay)  # AdamW, or [Muon, AdamW]
         optimizer = ReplayOptimizer(optimizer, model, compensation=args.compensation)  # <- replay_opt: line 2
     except ValueError as exc:
         args.parser.error(str(exc))

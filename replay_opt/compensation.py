@@ -26,6 +26,10 @@ what the optimizer does rather than how it does it:
   inner ``step()`` actually applied, module k's forward passes (play and replay) and their
   backward run at w + D_k u, and the gradient is applied to w itself.  u is kept per parameter in
   the inner optimizer's state (``"replay_update"``), so it travels in its state dict.
+* ``"adam"`` -- weight prediction along Adam's own direction (PipeOptim, Guan et al.'s XPipe for Adam): module
+  k's forward passes and their backward run at w - lr D_k m_hat / (sqrt(v_hat) + eps), with m_hat, v_hat the
+  bias-corrected moments the optimizer holds (``exp_avg``, ``exp_avg_sq``, ``step``) and lr its current learning
+  rate; the gradient is applied to w itself.  Parameters without Adam moments (Muon's, in a chain) are not moved.
 * ``"momentum"`` -- a delay of D steps acts like extra momentum ("asynchrony begets momentum",
   Mitliagkas et al., 2016): module k steps with its momentum coefficient raised to the power
   1 + D_k (``betas[0]`` of Adam-style optimizers, ``momentum`` of SGD), 0.9 -> 0.81 at D = 1.
@@ -42,7 +46,7 @@ from typing import Any
 
 import torch
 
-REMEDIES = ("spike", "lwp", "warmup", "predict", "momentum")
+REMEDIES = ("spike", "lwp", "warmup", "predict", "adam", "momentum")
 UPDATE = "replay_update"  # the inner optimizer's per-parameter state entry that "predict" keeps
 
 
@@ -83,6 +87,13 @@ class Compensation:
                     )
                 if group.get("nesterov") or group.get("dampening", 0) != 0:
                     raise ValueError(f"compensation={spec!r} needs SGD without nesterov and dampening")
+        if "adam" in self.remedies and not any("exp_avg" in _adam_like(g) for g in optimizer.param_groups):
+            raise ValueError(
+                f"compensation={spec!r}: Adam-direction prediction needs an Adam-style optimizer (betas and eps in its "
+                f"parameter groups); got {type(optimizer).__name__} (use compensation='predict' with others)"
+            )
+        if len(self.remedies & {"lwp", "predict", "adam"}) > 1:
+            raise ValueError(f"compensation={spec!r}: choose one weight prediction of lwp, predict and adam")
         if "momentum" in self.remedies:
             for group in optimizer.param_groups:
                 if not _momentum_key(group):
@@ -99,14 +110,16 @@ class Compensation:
 
     def predict(self) -> None:
         """Before a training forward: put each delayed module's predicted weights in place (LWP, predict)."""
-        if not (self.remedies & {"lwp", "predict"}) or self._predicted:
+        if not (self.remedies & {"lwp", "predict", "adam"}) or self._predicted:
             return
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 delay = self.delays.get(id(p), 0)
-                state = self.optimizer.state.get(p, {})
+                state = self.optimizer.state.get(p, {}) if delay else {}
                 if "lwp" in self.remedies:
                     direction, scale = state.get("momentum_buffer"), -group["lr"] * delay
+                elif "adam" in self.remedies:
+                    direction, scale = _adam_direction(group, state), -group["lr"] * delay
                 else:
                     direction, scale = state.get(UPDATE), float(delay)
                 if delay and direction is not None:
@@ -234,6 +247,23 @@ class Compensation:
                 f"{sorted(self.remedies)}: pass the same compensation= to resume"
             )
         self.steps = int(state["steps"])
+
+
+def _adam_like(group: dict[str, Any]) -> set[str]:
+    """{"exp_avg"} when a parameter group is an Adam-style optimizer's (betas and eps), else empty."""
+    return {"exp_avg"} if isinstance(group.get("betas"), (tuple, list)) and "eps" in group else set()
+
+
+def _adam_direction(group: dict[str, Any], state: dict[str, Any]) -> torch.Tensor | None:
+    """m_hat / (sqrt(v_hat) + eps) from an Adam-style state (None before its first step, or without moments)."""
+    if not _adam_like(group) or "exp_avg" not in state or "exp_avg_sq" not in state:
+        return None
+    step = float(state["step"])
+    beta1, beta2 = group["betas"][0], group["betas"][1]
+    second = state.get("max_exp_avg_sq", state["exp_avg_sq"]) if group.get("amsgrad") else state["exp_avg_sq"]
+    m_hat = state["exp_avg"] / (1 - beta1**step)
+    v_hat = second / (1 - beta2**step)
+    return m_hat / (v_hat.sqrt() + group["eps"])
 
 
 def _momentum_key(group: dict[str, Any]) -> str | None:

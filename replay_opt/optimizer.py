@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .bypass import check_no_gradients, engine_running
+from .chained import ChainedOptimizer
 from .compensation import Compensation
 from .methods.stale import StaleGradientMethod
 from .multiprocess import checkpoints
@@ -31,13 +32,17 @@ class ReplayOptimizer(torch.optim.Optimizer):
     * ``compensation=`` opts in to staleness compensation per module (``"spike"``,
       ``"lwp"``, ``"warmup[:T]"``, combined with ``+``; see ``compensation.py``).
 
+    Several optimizers are chained: ``ReplayOptimizer([muon, adamw], model)`` steps
+    both as one (``chained.py``), e.g. ``torch.optim.Muon`` on the 2-D hidden weights
+    and ``AdamW`` on embeddings, norms, biases and head.
+
     The optimizer may have been built on the original model before wrapping:
     the wrapper trains that model's parameters in place.
     """
 
     def __init__(
         self,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         model: ReplayModelWrapper,
         *,
         grad_scaler: torch.amp.GradScaler | None = None,
@@ -46,6 +51,10 @@ class ReplayOptimizer(torch.optim.Optimizer):
         # No super().__init__: param_groups, state and defaults are the inner optimizer's.
         if isinstance(optimizer, ReplayOptimizer):
             raise TypeError("the optimizer is already a ReplayOptimizer; wrap the original optimizer once")
+        if isinstance(optimizer, (list, tuple)):
+            if any(isinstance(o, ReplayOptimizer) for o in optimizer):
+                raise TypeError("chain the original optimizers: ReplayOptimizer([muon, adamw], model), once")
+            optimizer = optimizer[0] if len(optimizer) == 1 else ChainedOptimizer(optimizer)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"ReplayOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(model, ReplayModelWrapper):

@@ -175,6 +175,64 @@ def test_weight_prediction_from_the_last_update_matches_the_hand_written_forward
     assert all(("replay_update" in state[p]) == (id(p) not in last) for p in model.parameters())
 
 
+class HandAdamW:
+    """AdamW written out (lr 1e-2, betas (0.9, 0.999), eps 1e-8, decoupled weight decay 0.1), with the
+    Adam-direction prediction w - lr D m_hat / (sqrt(v_hat) + eps) of its moments after its last step."""
+
+    def __init__(self, params, delay: int) -> None:
+        self.params, self.delay, self.t = list(params), delay, 0
+        self.m: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def step(self) -> None:
+        self.t += 1
+        with torch.no_grad():
+            for p in self.params:
+                g = p.grad
+                self.m[id(p)] = 0.9 * self.m.get(id(p), torch.zeros_like(p)) + 0.1 * g
+                self.v[id(p)] = 0.999 * self.v.get(id(p), torch.zeros_like(p)) + 0.001 * g * g
+                p.mul_(1 - 1e-2 * 0.1)
+                p -= 1e-2 * self.direction(p)
+
+    def direction(self, p) -> torch.Tensor:
+        m_hat = self.m[id(p)] / (1 - 0.9**self.t)
+        v_hat = self.v[id(p)] / (1 - 0.999**self.t)
+        return m_hat / (v_hat.sqrt() + 1e-8)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+class AdamPredicted(nn.Module):
+    def __init__(self, module: nn.Module, opt: HandAdamW) -> None:
+        super().__init__()
+        self.module, self.opt = module, opt
+
+    def forward(self, x):
+        weights = {n: p - 1e-2 * self.opt.delay * self.opt.direction(p).detach() if id(p) in self.opt.m else p
+                   for n, p in self.module.named_parameters()}  # fmt: skip
+        return functional_call(self.module, weights, (x,))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_adam_direction_prediction_matches_hand_written_adamw(k):
+    """``compensation="adam"``: every delayed module plays, replays and back-propagates at
+    w - lr D m_hat / (sqrt(v_hat) + eps), AdamW written out in the test; the last module at its own weights."""
+    model = mlp(depth=6)
+    reference = copy.deepcopy(model)
+    data = batches(8)
+    stages = sequential_stages(reference, SPLIT[k])
+    opts = [HandAdamW(s.parameters(), k - 1 - i) for i, s in enumerate(stages)]
+    it = iter(opts)
+    naive_features_replay([AdamPredicted(s, o) for s, o in zip(stages, opts)], data, lambda _: next(it))
+    run_library(model, data, adamw, compensation="adam", split_points=[str(i) for i in SPLIT[k]])
+    assert max_param_diff(model, reference) <= 1e-5
+    plain = copy.deepcopy(mlp(depth=6))
+    run_library(plain, data, adamw, split_points=[str(i) for i in SPLIT[k]])
+    assert max_param_diff(model, plain) > 1e-4  # (the prediction changed the training)
+
+
 @pytest.mark.parametrize("k", [2, 3])
 def test_momentum_correction_matches_per_module_betas(k):
     """``compensation="momentum"``: module k steps as AdamW with beta1 ** (1 + D_k), the last module as plain AdamW."""
@@ -246,3 +304,8 @@ def test_bad_compensation_names_the_fix():
     with pytest.raises(ValueError, match="no momentum coefficient.*compensation='predict'"):
         ReplayOptimizer(torch.optim.SGD(wrapper.parameters(), lr=0.1), wrapper, compensation="momentum")
     ReplayOptimizer(torch.optim.Adagrad(wrapper.parameters()), wrapper, compensation="predict")  # any optimizer
+    wrapper = ReplayModelWrapper(mlp(depth=6), split_points=["4"])
+    with pytest.raises(ValueError, match="Adam-style optimizer.*compensation='predict'"):
+        ReplayOptimizer(sgd(wrapper.parameters()), wrapper, compensation="adam")
+    with pytest.raises(ValueError, match="one weight prediction of lwp, predict and adam"):
+        ReplayOptimizer(torch.optim.AdamW(wrapper.parameters()), wrapper, compensation="adam+predict")
