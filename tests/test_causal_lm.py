@@ -190,4 +190,10 @@ def test_one_and_two_processes_agree_with_the_single_process_engine(tmp_path, lo
             # per step in any two runs that sum in another order. Compare the query and value parts.
             width = x.numel() // 3
             x, y = torch.cat([x[:width], x[2 * width :]]), torch.cat([y[:width], y[2 * width :]])
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=5e-4, msg=k)  # AdamW amplifies float noise in small grads
+        # The recipe's default chains Muon (the blocks' matrices) and AdamW (the rest). AdamW amplifies float noise in
+        # small gradients; Muon's Newton-Schulz runs in bfloat16, whose rounding turns float noise into up to ~1e-3
+        # after these 8 steps -- the same run in one process with 1 and with 2 threads differs by 1.2e-3 -- so
+        # Muon's matrices get that floor, everything else AdamW's (one Muon step moves its matrices by lr 0.2 sqrt(384)
+        # = 1.2e-2 in RMS: a step taken or lost shows).
+        muon = x.ndim == 2 and ".h." in k and not k.endswith("bias")
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=2e-3 if muon else 5e-4, msg=k)
