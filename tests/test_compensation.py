@@ -154,22 +154,28 @@ def adamw(params):
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
 
 
+def predicted_against_naive(k: int, hand_optimizer, predicted_module, compensation: str):
+    """The library with AdamW and ``compensation`` equals the naive Algorithm 1 whose module i runs as
+    ``predicted_module`` on the weights its ``hand_optimizer`` (delay K-1-i) predicts; and differs from no remedy."""
+    model = mlp(depth=6)
+    reference, plain = copy.deepcopy(model), copy.deepcopy(model)
+    data = batches(8)
+    stages = sequential_stages(reference, SPLIT[k])
+    opts = [hand_optimizer(s.parameters(), k - 1 - i) for i, s in enumerate(stages)]
+    it = iter(opts)
+    naive_features_replay([predicted_module(s, o) for s, o in zip(stages, opts)], data, lambda _: next(it))
+    wrapper = run_library(model, data, adamw, compensation=compensation, split_points=[str(i) for i in SPLIT[k]])
+    assert max_param_diff(model, reference) <= 1e-5
+    run_library(plain, data, adamw, split_points=[str(i) for i in SPLIT[k]])  # the same start, no remedy
+    assert max_param_diff(model, plain) > 1e-4  # (the prediction changed the training)
+    return model, wrapper
+
+
 @pytest.mark.parametrize("k", [2, 3])
 def test_weight_prediction_from_the_last_update_matches_the_hand_written_forward(k):
     """``compensation="predict"`` with AdamW: every delayed module plays, replays and back-propagates at w + D u;
     the last module (D = 0) runs at its own weights."""
-    model = mlp(depth=6)
-    reference = copy.deepcopy(model)
-    data = batches(8)
-    stages = sequential_stages(reference, SPLIT[k])
-    opts = [Recorded(s.parameters(), k - 1 - i) for i, s in enumerate(stages)]
-    it = iter(opts)
-    naive_features_replay([Extrapolated(s, o) for s, o in zip(stages, opts)], data, lambda _: next(it))
-    wrapper = run_library(model, data, adamw, compensation="predict", split_points=[str(i) for i in SPLIT[k]])
-    assert max_param_diff(model, reference) <= 1e-5
-    plain = copy.deepcopy(mlp(depth=6))
-    run_library(plain, data, adamw, split_points=[str(i) for i in SPLIT[k]])
-    assert max_param_diff(model, plain) > 1e-4  # (the prediction changed the training)
+    model, wrapper = predicted_against_naive(k, Recorded, Extrapolated, "predict")
     last = {id(p) for p in wrapper.stages[-1].parameters()}
     state = wrapper.replay_optimizer.optimizer.state
     assert all(("replay_update" in state[p]) == (id(p) not in last) for p in model.parameters())
@@ -219,18 +225,7 @@ class AdamPredicted(nn.Module):
 def test_adam_direction_prediction_matches_hand_written_adamw(k):
     """``compensation="adam"``: every delayed module plays, replays and back-propagates at
     w - lr D m_hat / (sqrt(v_hat) + eps), AdamW written out in the test; the last module at its own weights."""
-    model = mlp(depth=6)
-    reference = copy.deepcopy(model)
-    data = batches(8)
-    stages = sequential_stages(reference, SPLIT[k])
-    opts = [HandAdamW(s.parameters(), k - 1 - i) for i, s in enumerate(stages)]
-    it = iter(opts)
-    naive_features_replay([AdamPredicted(s, o) for s, o in zip(stages, opts)], data, lambda _: next(it))
-    run_library(model, data, adamw, compensation="adam", split_points=[str(i) for i in SPLIT[k]])
-    assert max_param_diff(model, reference) <= 1e-5
-    plain = copy.deepcopy(mlp(depth=6))
-    run_library(plain, data, adamw, split_points=[str(i) for i in SPLIT[k]])
-    assert max_param_diff(model, plain) > 1e-4  # (the prediction changed the training)
+    predicted_against_naive(k, HandAdamW, AdamPredicted, "adam")
 
 
 @pytest.mark.parametrize("k", [2, 3])
