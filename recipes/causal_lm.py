@@ -51,9 +51,9 @@ CONFIGS = {  # small configurations, trained from scratch; any other --model is 
 # What the LM protocol chose (docs/benchmarks.md, "Features Replay on a language model"; bench.lm, 2000 steps, 3
 # seeds, each variant at its best learning rate): per (method, K) the optimizer, the staleness remedy and the lr.
 TUNED = {
-    ("bp", 1): ("muon", None, 3e-3),
-    ("fr", 2): ("muon", "predict", 3e-3),
-    ("fr", 4): ("muon", None, 3e-3),
+    ("bp", 1): ("muon", None, 6e-3),
+    ("fr", 2): ("muon", "predict", 6e-3),
+    ("fr", 4): ("muon", "predict", 3e-3),
 }
 
 
