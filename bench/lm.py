@@ -139,8 +139,16 @@ def time_to_reach(run_group: list[dict], target: float, step_seconds: float) -> 
     return None
 
 
+def perplexity_at(run_group: list[dict], step: float) -> tuple[int, float]:
+    """(the last evaluation at or before ``step``, the mean validation perplexity there)."""
+    points = [i for i, p in enumerate(run_group[0]["curve"]) if p["step"] <= step]
+    i = points[-1] if points else 0
+    return run_group[0]["curve"][i]["step"], statistics.mean(math.exp(r["curve"][i]["val_loss"]) for r in run_group)
+
+
 def tabulate(runs: list[dict], args: argparse.Namespace, step_seconds: dict[int, float] | None = None) -> str:
     chosen = choose(runs)
+    bp_runs = {v[3]: best for v, (_, best, _) in chosen.items() if v[0] == "bp"}
     bp_ppl = {v[3]: statistics.mean(r["final_val_perplexity"] for r in best) for v, (_, best, _) in chosen.items()
               if v[0] == "bp"}  # fmt: skip
     lines = [
@@ -150,27 +158,33 @@ def tabulate(runs: list[dict], args: argparse.Namespace, step_seconds: dict[int,
         "final validation perplexity, mean ± std over seeds, each compared with BP's with the same optimizer",
         "",
         "| optimizer | method | K | compensation | chosen lr | seeds | final validation perplexity | vs BP "
-        "| at each lr | predicted s/step | predicted device time to BP's final perplexity |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| at each lr | predicted s/step | predicted device time to BP's final perplexity | BP at the same "
+        "device time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (method, k, comp, opt), (lr, best, by_lr) in chosen.items():
         ppl = [r["final_val_perplexity"] for r in best]
         base = bp_ppl.get(opt)
         gap = "" if base is None or method == "bp" else f"{100 * (statistics.mean(ppl) / base - 1):+.1f} %"
         each = ", ".join(f"{v}: {statistics.mean(r['final_val_perplexity'] for r in by_lr[v]):.2f}" for v in by_lr)
-        step, reach = "", ""
+        step, reach, same_time = "", "", ""
         if step_seconds is not None and base is not None:
             step = f"{step_seconds[k]:.3f}"
             seconds = time_to_reach(best, base, step_seconds[k])
             reach = "not reached" if seconds is None else f"{seconds:.0f} s"
+            if method != "bp":  # where BP's curve is after the device time this variant's whole run takes
+                at, value = perplexity_at(bp_runs[opt], args.steps * step_seconds[k] / step_seconds[1])
+                same_time = f"{value:.2f} (step {at})"
         seeds = ",".join(str(r["seed"]) for r in best)
         lines.append(f"| {opt} | {method} | {k if method != 'bp' else '-'} | {comp} | {lr} | {seeds} | {mean_std(ppl)} "
-                     f"| {gap} | {each} | {step} | {reach} |")  # fmt: skip
+                     f"| {gap} | {each} | {step} | {reach} | {same_time} |")  # fmt: skip
     if step_seconds is not None:
         lines += ["", "Predicted s/step: the planner (replay_opt.plan.simulate) on a profile of the model's units on "
                   "this machine's CPU, BP on one device, FR on K devices at the recipe's cut; device time = steps x "
                   "s/step, at the evaluations (every "
-                  f"{args.eval_every} steps)."]  # fmt: skip
+                  f"{args.eval_every} steps); BP at the same device time: BP's perplexity at its last evaluation "
+                  "within the device time the variant's whole run takes (mid-schedule: BP's lr has not decayed yet "
+                  "there, so a BP run given that budget as its schedule would do better)."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -213,8 +227,12 @@ def parser() -> argparse.ArgumentParser:
         help="seeds every lr runs with (the lr is chosen on them); the other seeds run at the chosen lr only",
     )
     p.add_argument("--optimizers", nargs="+", choices=("adamw", "muon"), default=["adamw"])
-    p.add_argument("--variants", nargs="+", default=None,
-                   help="explicit variants, method:K:compensation:optimizer (fr:2:predict:muon), instead of the grid")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="explicit variants, method:K:compensation:optimizer (fr:2:predict:muon), instead of the grid",
+    )
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--warmup", type=int, default=40)
     p.add_argument("--eval-every", type=int, default=50)
@@ -223,8 +241,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
     p.add_argument("--out", type=Path, default=Path("bench/results/lm"))
     p.add_argument("--from-json", type=Path, default=None, help="re-tabulate the runs saved by an earlier call")
-    p.add_argument("--from-runs", action="store_true",
-                   help="tabulate every finished run of this schedule in <out>.runs.jsonl (several invocations)")
+    p.add_argument(
+        "--from-runs",
+        action="store_true",
+        help="tabulate every finished run of this schedule in <out>.runs.jsonl (several invocations)",
+    )
     p.add_argument("--no-device-time", action="store_true", help="skip the planner's device-time prediction")
     return p
 
