@@ -203,7 +203,7 @@ def plot(runs: list[dict], path: Path) -> None:
         ax.plot(steps, ppl, marker="o", ms=3, label=f"{label} (lr {lr})", ls="-" if comp != "none" else "--")
     ax.axhline(runs[0]["unigram_perplexity"], color="gray", ls=":", label="unigram baseline")
     ax.set(xlabel="optimizer step", ylabel="validation perplexity (mean over seeds)", yscale="log",
-           title="FR against BP on a transformers LM with AdamW")  # fmt: skip
+           title="FR against BP on a transformers LM (each at its chosen lr)")  # fmt: skip
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
