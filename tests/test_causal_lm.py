@@ -177,8 +177,10 @@ def test_one_and_two_processes_agree_with_the_single_process_engine(tmp_path, lo
     two = cpu_cluster.run("recipes.causal_lm:main", argv=[*common, "--output-dir", str(tmp_path / "two")])
     steps, losses = zip(*one["train_loss_log"])
     assert [s for s, _ in two[0]["train_loss_log"]] == list(steps)
-    assert [v for _, v in two[0]["train_loss_log"]] == pytest.approx(losses, rel=1e-5)  # the last module's loss
-    assert two[0]["history"][-1]["val/loss"] == pytest.approx(one["history"][-1]["val/loss"], rel=1e-5)
+    # Muon (the recipe's default) runs Newton-Schulz in bfloat16: the same one-process run with 1 and with 2 threads
+    # differs by up to 8e-6 in these losses, and the two-process run by 1.1e-5 once in CI; hence 5e-5.
+    assert [v for _, v in two[0]["train_loss_log"]] == pytest.approx(losses, rel=5e-5)  # the last module's loss
+    assert two[0]["history"][-1]["val/loss"] == pytest.approx(one["history"][-1]["val/loss"], rel=5e-5)
     assert two[1]["final_val_loss"] == two[0]["final_val_loss"]  # every rank reports the same numbers
     a, b = final_state(tmp_path / "one"), final_state(tmp_path / "two")
     assert a.keys() == b.keys()
@@ -191,9 +193,11 @@ def test_one_and_two_processes_agree_with_the_single_process_engine(tmp_path, lo
             width = x.numel() // 3
             x, y = torch.cat([x[:width], x[2 * width :]]), torch.cat([y[:width], y[2 * width :]])
         # The recipe's default chains Muon (the blocks' matrices) and AdamW (the rest). AdamW amplifies float noise in
-        # small gradients; Muon's Newton-Schulz runs in bfloat16, whose rounding turns float noise into up to ~1e-3
-        # after these 8 steps -- the same run in one process with 1 and with 2 threads differs by 1.2e-3 -- so
-        # Muon's matrices get that floor, everything else AdamW's (one Muon step moves its matrices by lr 0.2 sqrt(384)
-        # = 1.2e-2 in RMS: a step taken or lost shows).
-        muon = x.ndim == 2 and ".h." in k and not k.endswith("bias")
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=2e-3 if muon else 5e-4, msg=k)
+        # small gradients; Muon's Newton-Schulz runs in bfloat16, whose rounding turns float noise into single entries
+        # up to ~3e-3 apart after these 8 steps (the same one-process run with 1 and with 2 threads: 1.2e-3), at an
+        # RMS of ~1e-4. One Muon step moves a matrix by lr 0.2 sqrt(384) = 1.2e-2 in RMS, so Muon's matrices are
+        # compared by RMS at 5e-4 (a step taken or lost shows), everything else entry by entry at AdamW's floor.
+        if x.ndim == 2 and ".h." in k:
+            assert (x - y).pow(2).mean().sqrt() <= 5e-4, k
+        else:
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=5e-4, msg=k)
