@@ -130,20 +130,21 @@ def predicted_step_seconds(args: argparse.Namespace) -> dict[int, float]:
     return seconds
 
 
+def mean_curve(run_group: list[dict]) -> list[tuple[int, float]]:
+    """(step, validation perplexity averaged over the group's seeds) at each evaluation."""
+    return [(point["step"], statistics.mean(math.exp(r["curve"][i]["val_loss"]) for r in run_group))
+            for i, point in enumerate(run_group[0]["curve"])]  # fmt: skip
+
+
 def time_to_reach(run_group: list[dict], target: float, step_seconds: float) -> float | None:
     """Predicted device seconds until the mean validation perplexity first reaches ``target`` (None: never)."""
-    curve = run_group[0]["curve"]
-    for i, point in enumerate(curve):
-        if statistics.mean(math.exp(r["curve"][i]["val_loss"]) for r in run_group) <= target:
-            return point["step"] * step_seconds
-    return None
+    return next((step * step_seconds for step, ppl in mean_curve(run_group) if ppl <= target), None)
 
 
 def perplexity_at(run_group: list[dict], step: float) -> tuple[int, float]:
     """(the last evaluation at or before ``step``, the mean validation perplexity there)."""
-    points = [i for i, p in enumerate(run_group[0]["curve"]) if p["step"] <= step]
-    i = points[-1] if points else 0
-    return run_group[0]["curve"][i]["step"], statistics.mean(math.exp(r["curve"][i]["val_loss"]) for r in run_group)
+    curve = mean_curve(run_group)
+    return ([point for point in curve if point[0] <= step] or curve[:1])[-1]
 
 
 def tabulate(runs: list[dict], args: argparse.Namespace, step_seconds: dict[int, float] | None = None) -> str:
@@ -197,8 +198,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for (method, k, comp, opt), (lr, best, _) in choose(runs).items():
-        steps = [c["step"] for c in best[0]["curve"]]
-        ppl = [statistics.mean(math.exp(r["curve"][i]["val_loss"]) for r in best) for i in range(len(steps))]
+        steps, ppl = zip(*mean_curve(best))
         label = ("BP" if method == "bp" else f"FR K={k}" + ("" if comp == "none" else f" +{comp}")) + f", {opt}"
         ax.plot(steps, ppl, marker="o", ms=3, label=f"{label} (lr {lr})", ls="-" if comp != "none" else "--")
     ax.axhline(runs[0]["unigram_perplexity"], color="gray", ls=":", label="unigram baseline")

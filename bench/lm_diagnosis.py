@@ -86,9 +86,10 @@ class Reference:
         self.model(input_ids=batch, labels=batch).loss.backward()
         grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if n in weights}
         if self.tied:  # the head's use of the tied weight: this step's batch at this step's weights, as every method
-            self.load(head_weights)
-            self.model.zero_grad(set_to_none=True)
-            self.model(input_ids=head_batch, labels=head_batch).loss.backward()
+            if batch is not head_batch or weights is not head_weights:  # (else the pass above computed it)
+                self.load(head_weights)
+                self.model.zero_grad(set_to_none=True)
+                self.model(input_ids=head_batch, labels=head_batch).loss.backward()
             grads[self.head] = grads[self.head] + self.model.get_output_embeddings().weight.grad
         return grads
 

@@ -145,8 +145,9 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: f
     embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     head = model.get_output_embeddings()
     embeddings |= {id(p) for p in head.parameters()} if head is not None else set()
-    hidden = [p for p in model.parameters() if p.ndim == 2 and id(p) not in embeddings]
-    rest = [p for p in model.parameters() if not (p.ndim == 2 and id(p) not in embeddings)]
+    hidden, rest = [], []
+    for p in model.parameters():
+        (hidden if p.ndim == 2 and id(p) not in embeddings else rest).append(p)
     muon = torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
     return [muon, torch.optim.AdamW(rest, **adamw)]
 

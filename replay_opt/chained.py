@@ -145,14 +145,11 @@ class _States(MutableMapping):
         self._owner(p).state[p] = value
 
     def __delitem__(self, p: Any) -> None:
-        for opt in self.chain.optimizers:
-            if p in opt.state:
-                del opt.state[p]
-                return
-        raise KeyError(p)
+        del self._owner(p).state[p]
 
     def __contains__(self, p: object) -> bool:
-        return any(p in opt.state for opt in self.chain.optimizers)
+        owner = self.chain.owner(p)  # type: ignore[arg-type]
+        return owner is not None and p in owner.state
 
     def __iter__(self) -> Iterator[Any]:
         for opt in self.chain.optimizers:

@@ -87,7 +87,7 @@ class Compensation:
                     )
                 if group.get("nesterov") or group.get("dampening", 0) != 0:
                     raise ValueError(f"compensation={spec!r} needs SGD without nesterov and dampening")
-        if "adam" in self.remedies and not any("exp_avg" in _adam_like(g) for g in optimizer.param_groups):
+        if "adam" in self.remedies and not any(_adam_like(g) for g in optimizer.param_groups):
             raise ValueError(
                 f"compensation={spec!r}: Adam-direction prediction needs an Adam-style optimizer (betas and eps in its "
                 f"parameter groups); got {type(optimizer).__name__} (use compensation='predict' with others)"
@@ -249,9 +249,9 @@ class Compensation:
         self.steps = int(state["steps"])
 
 
-def _adam_like(group: dict[str, Any]) -> set[str]:
-    """{"exp_avg"} when a parameter group is an Adam-style optimizer's (betas and eps), else empty."""
-    return {"exp_avg"} if isinstance(group.get("betas"), (tuple, list)) and "eps" in group else set()
+def _adam_like(group: dict[str, Any]) -> bool:
+    """Whether a parameter group is an Adam-style optimizer's (betas and eps)."""
+    return isinstance(group.get("betas"), (tuple, list)) and "eps" in group
 
 
 def _adam_direction(group: dict[str, Any], state: dict[str, Any]) -> torch.Tensor | None:
